@@ -1,0 +1,243 @@
+"""edge-rt: the command line. Library errors become one-line click errors here and only here."""
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from . import __version__, paths
+from .cards import DEFAULT_MODEL, card_names, get_card, looks_like_path
+from .errors import EdgeRuntimeError, ExportError
+
+HELP = {"/reset": "forget the conversation", "/exit": "quit (also /bye, Ctrl-D)", "/help": "this list"}
+
+
+def _fail_cleanly(fn):
+    """Typed library errors -> `Error: message`, exit 1, no traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except EdgeRuntimeError as e:
+            raise click.ClickException(str(e)) from None
+    return wrapper
+
+
+def _export_api():
+    try:
+        from export import pipeline
+    except ImportError as e:
+        raise ExportError(f"building a bundle needs the export extra ({e.name} is missing): "
+                          "pip install 'edge-runtime[export]'") from None
+    return pipeline
+
+
+def _build(source: str, out: Path, force: bool = False):
+    """Run the export pipeline with a progress bar over its stages."""
+    from tqdm import tqdm
+    stages = ["load source", "build graph", "write graph", "write tokenizer", "verify"]
+    pipeline = _export_api()
+    t0 = time.perf_counter()
+    # disable=None: no bar when stderr is not a terminal (a pipe or log gets only the result or the error line)
+    with tqdm(total=len(stages), desc=f"export {source}", unit="step", file=sys.stderr, leave=True,
+              disable=None) as bar:
+        def progress(stage: str) -> None:
+            bar.set_postfix_str(stage)
+            bar.update(stages.index(stage) - bar.n)
+        try:
+            bundle = pipeline.export_bundle(source, out, force=force, progress=progress)
+        except BaseException:
+            bar.leave = False  # a failed export ends with its one `Error:` line, not a stale bar above it
+            raise
+        bar.update(len(stages) - bar.n)
+    src = bundle.manifest.source
+    click.echo(f"bundle {out}: verified, max |logit error| {src['verify_max_abs_error']:.2e} "
+               f"(tolerance {src['verify_tolerance']:.2e}), built in {time.perf_counter() - t0:.0f} s", err=True)
+    return bundle
+
+
+def _bundle_path(model: str) -> Path:
+    """A bundle folder, or a card's cached bundle, built on first use."""
+    if looks_like_path(model):
+        return Path(model)
+    card = get_card(model)
+    if not (card.bundle_dir / "manifest.json").is_file():
+        click.echo(f"{card.name} is not built yet: fetching and exporting it (once)", err=True)
+        _build(card.name, card.bundle_dir)
+    return card.bundle_dir
+
+
+def _engine(model: str, context: int | None, threads: int | None):
+    from .bundle import Bundle
+    from .engine import Engine
+    return Engine(Bundle.load(_bundle_path(model)), context=context, threads=threads)
+
+
+def _sampling(temperature, top_k, top_p, seed):
+    from .sampling import SamplingParams
+    return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+
+
+def _print_stats(stats) -> None:
+    click.echo(f"prompt: {stats.prompt_tokens} tokens ({stats.prefilled_tokens} run), {stats.prefill_tps:.1f} tok/s | "
+               f"decode: {stats.generated_tokens} tokens, {stats.decode_tps:.1f} tok/s | "
+               f"finish: {stats.finish_reason}", err=True)
+
+
+def sampling_options(fn):
+    opts = [
+        click.option("--max-tokens", type=int, default=None, help="Most tokens to generate [model default]."),
+        click.option("--temperature", type=float, default=None, help="0 is greedy [model default]."),
+        click.option("--top-k", type=int, default=None, help="Keep the k most likely tokens (0: off)."),
+        click.option("--top-p", type=float, default=None, help="Nucleus sampling mass, in (0, 1]."),
+        click.option("--seed", type=int, default=None, help="Seed for sampling."),
+        click.option("--context", type=int, default=None, help="KV cache length in tokens [model default]."),
+        click.option("--threads", type=int, default=None, help="CPU threads [all cores]."),
+        click.option("--stats", is_flag=True, help="Print prompt and decode tokens/s to stderr."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _resolve_sampling(engine, max_tokens, temperature, top_k, top_p, seed):
+    d = engine.manifest.defaults
+    params = _sampling(d.temperature if temperature is None else temperature, d.top_k if top_k is None else top_k,
+                       d.top_p if top_p is None else top_p, seed)
+    max_tokens = d.max_tokens if max_tokens is None else max_tokens
+    if max_tokens < 1:
+        raise click.ClickException(f"--max-tokens must be at least 1, got {max_tokens}")
+    return params, max_tokens
+
+
+@click.group()
+@click.version_option(__version__, prog_name="edge-rt")
+def cli():
+    """On-device LLM runtime on ONNX Runtime."""
+
+
+@cli.command()
+def info():
+    """Versions, execution providers and devices, cache folder, model cards."""
+    import numpy
+    import onnxruntime as ort
+    click.echo(f"edge-runtime {__version__}, onnxruntime {ort.__version__}, numpy {numpy.__version__}, "
+               f"python {sys.version.split()[0]}")
+    click.echo(f"execution providers: {', '.join(ort.get_available_providers())}")
+    try:
+        devices = [f"{d.ep_name}:{d.device.type}" for d in ort.get_ep_devices()]
+    except AttributeError:
+        devices = []
+    click.echo(f"devices: {', '.join(devices) or 'n/a'}")
+    click.echo(f"cache folder: {paths.home()} (set EDGE_RT_HOME to move it)")
+    click.echo(f"model cards: {', '.join(card_names())} (default: {DEFAULT_MODEL})")
+
+
+@cli.command()
+@click.argument("card", default=DEFAULT_MODEL)
+@_fail_cleanly
+def fetch(card):
+    """Download a model card's source weights into the cache."""
+    from export.fetch import fetch as fetch_source
+    path = fetch_source(get_card(card))
+    click.echo(str(path))
+
+
+@cli.command()
+@click.argument("source")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Bundle folder to write [the cache, for a card name].")
+@click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
+@_fail_cleanly
+def export(source, output, force):
+    """Export SOURCE (a card name, a Hugging Face folder or a .gguf file) to an ONNX bundle."""
+    if output is None:
+        if looks_like_path(source):
+            raise click.ClickException("-o/--output is needed when SOURCE is a path")
+        output = get_card(source).bundle_dir
+    _build(source, output, force=force)
+    click.echo(str(output))
+
+
+@cli.command()
+@click.argument("model", default=DEFAULT_MODEL)
+@click.option("-p", "--prompt", required=True, help="The prompt.")
+@click.option("--raw", is_flag=True, help="Feed the prompt as is, without the chat template.")
+@sampling_options
+@_fail_cleanly
+def generate(model, prompt, raw, max_tokens, temperature, top_k, top_p, seed, context, threads, stats):
+    """Answer one prompt, streaming the text to stdout."""
+    engine = _engine(model, context, threads)
+    params, max_tokens = _resolve_sampling(engine, max_tokens, temperature, top_k, top_p, seed)
+    ids = engine.encode(prompt) if raw else engine.chat_ids([{"role": "user", "content": prompt}])
+    try:
+        for piece in engine.stream_generate(ids, params, max_tokens):
+            click.echo(piece, nl=False)
+    except KeyboardInterrupt:
+        pass
+    click.echo()
+    if stats:
+        _print_stats(engine.last_stats)
+
+
+@cli.command()
+@click.argument("model", default=DEFAULT_MODEL)
+@click.option("--system", default=None, help="System prompt.")
+@sampling_options
+@_fail_cleanly
+def chat(model, system, max_tokens, temperature, top_k, top_p, seed, context, threads, stats):
+    """Chat with MODEL. Reads one prompt per line when stdin is not a terminal."""
+    from .chat import ChatSession
+    engine = _engine(model, context, threads)
+    params, max_tokens = _resolve_sampling(engine, max_tokens, temperature, top_k, top_p, seed)
+    session = ChatSession(engine, system=system, trim=True, on_notice=lambda msg: click.echo(msg, err=True))
+    interactive = sys.stdin.isatty()
+    if interactive:
+        import readline  # noqa: F401  (line editing and history for input())
+        click.echo(f"{engine.manifest.name} ready. /help for commands, Ctrl-C stops an answer, Ctrl-D quits.",
+                   err=True)
+    while True:
+        try:
+            line = input(">>> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            click.echo("\n(use /exit or Ctrl-D to quit)", err=True)
+            continue
+        if not interactive and line == "":
+            break  # end of input
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            command = text.split()[0]
+            if command in ("/exit", "/bye", "/quit"):
+                break
+            if command == "/reset":
+                session.reset()
+                click.echo("(conversation cleared)", err=True)
+            elif command == "/help":
+                for name, what in HELP.items():
+                    click.echo(f"{name:8} {what}", err=True)
+            else:
+                click.echo(f"unknown command {command}; /help lists them", err=True)
+            continue
+        try:
+            for piece in session.send(text, params, max_tokens):
+                click.echo(piece, nl=False)
+        except KeyboardInterrupt:
+            click.echo("\n(stopped)", err=True)
+        click.echo()
+        if stats:
+            _print_stats(engine.last_stats)
+
+
+def main():
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""The engine: a loaded bundle, its decoder and KV cache, and generation as a stack of generators.
+
+    generate_step(prompt_ids) -> token ids       (reuses the cached prefix, then one forward per token)
+    stream_generate(prompt)   -> text pieces     (StreamingDetokenizer)
+    generate(prompt)          -> the full text
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import Bundle
+from .chat_template import CHATML, ChatTemplate
+from .decoder import Decoder
+from .detokenizer import StreamingDetokenizer
+from .errors import BundleError, InvalidArgumentError
+from .sampling import SamplingParams, make_sampler
+from .session import create_session
+from .tokenizer import load_tokenizer
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0      # tokens in the prompt
+    prefilled_tokens: int = 0   # of those, the ones actually run (the rest came from the cache)
+    prefill_seconds: float = 0.0
+    generated_tokens: int = 0
+    decode_seconds: float = 0.0  # from the first generated token to the last
+    finish_reason: str = ""      # "stop" (an end-of-sequence token), "length" (max_tokens)
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prefilled_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        # the first token comes out of prefill; the decode rate counts the steps after it
+        steps = self.generated_tokens - 1
+        return steps / self.decode_seconds if steps > 0 and self.decode_seconds else 0.0
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if diff.size else n
+
+
+class Engine:
+    def __init__(self, bundle: Bundle, context: int | None = None, threads: int | None = None):
+        m = bundle.manifest
+        self.bundle = bundle
+        self.manifest = m
+        spec = m.graph("target")
+        context = m.defaults.context if context is None else context  # 0 is an error, not "default"
+        if not 0 < context <= m.architecture.max_position_embeddings:
+            raise InvalidArgumentError(
+                f"context {context} is out of range; this model takes 1..{m.architecture.max_position_embeddings}")
+        self.tokenizer = load_tokenizer(bundle.file(m.tokenizer))
+        if self.tokenizer.get_vocab_size() > m.architecture.vocab_size:
+            raise BundleError(f"tokenizer has {self.tokenizer.get_vocab_size()} tokens but the model only "
+                              f"{m.architecture.vocab_size}; re-export the bundle")
+        self.template = ChatTemplate(m.chat_template or CHATML, bos_token=self._token_text(m.tokens.bos),
+                                     eos_token=self._token_text(m.tokens.eos[0] if m.tokens.eos else None))
+        self.eos = frozenset(m.tokens.eos)
+        session = create_session(bundle.file(spec.file), threads)
+        self.decoder = Decoder(session, m.architecture, spec.num_layers or m.architecture.num_layers, context)
+        self._tokens: list[int] = []  # mirrors the KV cache: token i's K/V sit at position i
+        self.last_stats = GenerationStats()
+
+    @classmethod
+    def load(cls, model: str | Path, context: int | None = None, threads: int | None = None) -> Engine:
+        """A bundle folder, or the name of a model card whose bundle is already built."""
+        from .cards import resolve_bundle
+        return cls(Bundle.load(resolve_bundle(model)), context=context, threads=threads)
+
+    def _token_text(self, token_id: int | None) -> str | None:
+        return None if token_id is None else self.tokenizer.id_to_token(token_id)
+
+    # ---- text <-> ids -------------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        # Special tokens come from the chat template as text, so the tokenizer must not add its own.
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        return self.encode(self.template.render(messages, add_generation_prompt=True))
+
+    @property
+    def context(self) -> int:
+        return self.decoder.kv.capacity
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.decoder.kv.pos
+
+    def reset(self) -> None:
+        self.decoder.kv.rewind(self.decoder.kv.pos)
+        self._tokens.clear()
+
+    # ---- the decode loop ------------------------------------------------------------------------------------
+    def _prefill(self, ids: Sequence[int]) -> tuple[np.ndarray, int]:
+        """Bring the cache to `ids`, reusing the longest cached prefix.
+
+        Returns the logits [1, vocab] of the last token and how many positions were run."""
+        common = _common_prefix(self._tokens, ids)
+        common = min(common, len(ids) - 1)  # at least one position must run to give logits
+        self.decoder.kv.rewind(self.decoder.kv.pos - common)
+        del self._tokens[common:]
+        new = list(ids[common:])
+        logits = self.decoder.prefill(new)
+        self._tokens.extend(new)
+        return logits, len(new)
+
+    def _forward(self, token: int) -> np.ndarray:
+        logits = self.decoder.forward((token,))
+        self._tokens.append(token)
+        return logits
+
+    def generate_step(self, prompt_ids: Sequence[int], sampling: SamplingParams = SamplingParams(),
+                      max_tokens: int = 256) -> Iterator[int]:
+        """Yield generated token ids until an end-of-sequence token or max_tokens. Statistics in last_stats."""
+        if not prompt_ids:
+            raise InvalidArgumentError("the prompt is empty; give at least one token")
+        if max_tokens < 1:
+            raise InvalidArgumentError(f"max_tokens must be at least 1, got {max_tokens}")
+        sample = make_sampler(sampling)
+        stats = self.last_stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        t0 = time.perf_counter()
+        logits, stats.prefilled_tokens = self._prefill(prompt_ids)
+        token = sample(logits[-1])
+        t1 = time.perf_counter()
+        stats.prefill_seconds = t1 - t0
+        while True:
+            if token in self.eos:
+                stats.finish_reason = "stop"
+                break
+            stats.generated_tokens += 1
+            stats.decode_seconds = time.perf_counter() - t1
+            yield token
+            if stats.generated_tokens >= max_tokens:
+                stats.finish_reason = "length"
+                break
+            token = sample(self._forward(token)[-1])
+        stats.decode_seconds = time.perf_counter() - t1
+
+    def stream_generate(self, prompt_ids: Sequence[int], sampling: SamplingParams = SamplingParams(),
+                        max_tokens: int = 256) -> Iterator[str]:
+        detok = StreamingDetokenizer(self.tokenizer)
+        for token in self.generate_step(prompt_ids, sampling, max_tokens):
+            if piece := detok.add(token):
+                yield piece
+        if tail := detok.flush():
+            yield tail
+
+    def generate(self, prompt: str, sampling: SamplingParams = SamplingParams(), max_tokens: int = 256,
+                 chat: bool = True) -> str:
+        """Answer one prompt; with chat=True it is wrapped in the chat template as a user message."""
+        ids = self.chat_ids([{"role": "user", "content": prompt}]) if chat else self.encode(prompt)
+        return "".join(self.stream_generate(ids, sampling, max_tokens))

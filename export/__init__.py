@@ -1,0 +1,1 @@
+"""Build time: source model -> ONNX bundle. Imports torch, transformers and gguf (the `export` extra)."""

@@ -1,0 +1,116 @@
+"""SOURCE (card name, Hugging Face folder, .gguf) -> a verified bundle, written to a temp folder and renamed."""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from edge_runtime.bundle import Bundle, sha256_file
+from edge_runtime.cards import Card, get_card, looks_like_path
+from edge_runtime.errors import ExportError
+from edge_runtime.manifest import FORMAT_VERSION, Defaults, GraphSpec, Manifest, TokenIds
+
+from .builder import build_decoder, save_model
+from .source import architecture_of, load_source, weights_of
+from .tokenizer import save_tokenizer
+from .verify import verify_bundle
+
+GRAPH = "model.onnx"
+GRAPH_DATA = "model.onnx.data"
+MAX_ROTARY_POSITIONS = 32768  # cos/sin cache rows baked into the graph
+VERIFY_TEXT = "The quick brown fox jumps over the lazy dog. Paris is the capital of France; 2 + 2 = 4."
+
+Progress = Callable[[str], None]
+
+
+def _ids(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def _token_ids(model, tokenizer) -> TokenIds:
+    cfg, gen = model.config, getattr(model, "generation_config", None)
+    eos = _ids(cfg.eos_token_id) + _ids(getattr(gen, "eos_token_id", None))
+    if not eos:
+        eos = _ids(tokenizer.eos_token_id)
+    bos = cfg.bos_token_id if cfg.bos_token_id is not None else tokenizer.bos_token_id
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else tokenizer.pad_token_id
+    return TokenIds(eos=tuple(dict.fromkeys(eos)), bos=bos, pad=pad)
+
+
+def _defaults(card: Card | None, max_positions: int) -> Defaults:
+    values = dict(card.defaults) if card else {}
+    values["context"] = min(int(values.get("context", 2048)), max_positions)
+    return Defaults(**{k: v for k, v in values.items() if k in Defaults.__dataclass_fields__})
+
+
+def resolve_source(source: str) -> tuple[Path, Card | None]:
+    """A card name becomes its fetched source file; a path stays a path."""
+    if looks_like_path(source):
+        return Path(source), None
+    from .fetch import fetch
+    card = get_card(source)
+    return fetch(card), card
+
+
+def export_bundle(source: str, out: Path, force: bool = False, progress: Progress | None = None) -> Bundle:
+    say = progress or (lambda _msg: None)
+    out = Path(out)
+    if out.exists() and not force:
+        raise ExportError(f"{out} already exists; pass --force to replace it or choose another -o")
+    path, card = resolve_source(source)
+    t0 = time.perf_counter()
+    say("load source")
+    src = load_source(path)
+    arch = architecture_of(src.model, MAX_ROTARY_POSITIONS)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        say("build graph")
+        graph = build_decoder(arch, weights_of(src.model, arch))
+        say("write graph")
+        save_model(graph, tmp / GRAPH, GRAPH_DATA)
+        del graph
+        say("write tokenizer")
+        tok_file, tok_config = save_tokenizer(src.tokenizer, tmp)
+        files = {name: sha256_file(tmp / name) for name in (GRAPH, GRAPH_DATA, tok_file, tok_config)}
+        manifest = Manifest(
+            format_version=FORMAT_VERSION,
+            name=card.name if card else path.stem,
+            architecture=arch,
+            tokens=_token_ids(src.model, src.tokenizer),
+            graphs=(GraphSpec(role="target", file=GRAPH, data_files=(GRAPH_DATA,), kind="gqa", precision="fp32"),),
+            tokenizer=tok_file,
+            chat_template=getattr(src.tokenizer, "chat_template", None),
+            files=files,
+            defaults=_defaults(card, arch.max_position_embeddings),
+            source={"path": str(path), "card": card.name if card else None, "license": card.license if card else None},
+        )
+        manifest.write(tmp)
+        say("verify")
+        ids = src.tokenizer.encode(VERIFY_TEXT, add_special_tokens=False)[:24]
+        err, tol = verify_bundle(Bundle.load(tmp), src.model, ids)
+        if not err <= tol:
+            raise ExportError(f"verification failed: ONNX Runtime logits differ from PyTorch by {err:.3g} "
+                              f"(tolerance {tol:.3g}); the graph is wrong for this model")
+        manifest = Manifest(**{**manifest.__dict__, "source": {**manifest.source, "verify_max_abs_error": err,
+                                                               "verify_tolerance": tol,
+                                                               "export_seconds": round(time.perf_counter() - t0, 1)}})
+        manifest.write(tmp)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Bundle.load(out)
+

