@@ -14,10 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Bundle
+from .cached import CachedDecoder
 from .chat_template import CHATML, ChatTemplate
 from .decoder import Decoder
 from .detokenizer import StreamingDetokenizer
 from .errors import BundleError, InvalidArgumentError
+from .manifest import GraphSpec
 from .sampling import SamplingParams, make_sampler
 from .session import create_session
 from .tokenizer import load_tokenizer
@@ -43,12 +45,13 @@ class GenerationStats:
         return steps / self.decode_seconds if steps > 0 and self.decode_seconds else 0.0
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
-    return int(diff[0]) if diff.size else n
+def make_decoder(bundle: Bundle, spec: GraphSpec, context: int, threads: int | None = None) -> Decoder:
+    """The decoder for one graph of a bundle, by the graph's kind."""
+    arch = bundle.manifest.architecture
+    if spec.kind == "gqa":
+        session = create_session(bundle.file(spec.file), threads)
+        return Decoder(session, arch, spec.num_layers or arch.num_layers, context)
+    raise BundleError(f"graph {spec.file} has kind {spec.kind!r}, which this runtime cannot run; upgrade edge-runtime")
 
 
 class Engine:
@@ -68,9 +71,8 @@ class Engine:
         self.template = ChatTemplate(m.chat_template or CHATML, bos_token=self._token_text(m.tokens.bos),
                                      eos_token=self._token_text(m.tokens.eos[0] if m.tokens.eos else None))
         self.eos = frozenset(m.tokens.eos)
-        session = create_session(bundle.file(spec.file), threads)
-        self.decoder = Decoder(session, m.architecture, spec.num_layers or m.architecture.num_layers, context)
-        self._tokens: list[int] = []  # mirrors the KV cache: token i's K/V sit at position i
+        self.decoder = make_decoder(bundle, spec, context, threads)
+        self.target = CachedDecoder(self.decoder)
         self.last_stats = GenerationStats()
 
     @classmethod
@@ -99,28 +101,9 @@ class Engine:
         return self.decoder.kv.pos
 
     def reset(self) -> None:
-        self.decoder.kv.rewind(self.decoder.kv.pos)
-        self._tokens.clear()
+        self.target.truncate(0)
 
     # ---- the decode loop ------------------------------------------------------------------------------------
-    def _prefill(self, ids: Sequence[int]) -> tuple[np.ndarray, int]:
-        """Bring the cache to `ids`, reusing the longest cached prefix.
-
-        Returns the logits [1, vocab] of the last token and how many positions were run."""
-        common = _common_prefix(self._tokens, ids)
-        common = min(common, len(ids) - 1)  # at least one position must run to give logits
-        self.decoder.kv.rewind(self.decoder.kv.pos - common)
-        del self._tokens[common:]
-        new = list(ids[common:])
-        logits = self.decoder.prefill(new)
-        self._tokens.extend(new)
-        return logits, len(new)
-
-    def _forward(self, token: int) -> np.ndarray:
-        logits = self.decoder.forward((token,))
-        self._tokens.append(token)
-        return logits
-
     def generate_step(self, prompt_ids: Sequence[int], sampling: SamplingParams = SamplingParams(),
                       max_tokens: int = 256) -> Iterator[int]:
         """Yield generated token ids until an end-of-sequence token or max_tokens. Statistics in last_stats."""
@@ -131,7 +114,7 @@ class Engine:
         sample = make_sampler(sampling)
         stats = self.last_stats = GenerationStats(prompt_tokens=len(prompt_ids))
         t0 = time.perf_counter()
-        logits, stats.prefilled_tokens = self._prefill(prompt_ids)
+        logits, stats.prefilled_tokens = self.target.sync(prompt_ids)
         token = sample(logits[-1])
         t1 = time.perf_counter()
         stats.prefill_seconds = t1 - t0
@@ -145,7 +128,7 @@ class Engine:
             if stats.generated_tokens >= max_tokens:
                 stats.finish_reason = "length"
                 break
-            token = sample(self._forward(token)[-1])
+            token = sample(self.target.extend((token,))[-1])
         stats.decode_seconds = time.perf_counter() - t1
 
     def stream_generate(self, prompt_ids: Sequence[int], sampling: SamplingParams = SamplingParams(),
