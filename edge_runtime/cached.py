@@ -31,12 +31,16 @@ class CachedDecoder:
         self.decoder.kv.rewind(self.decoder.kv.pos - n)
         del self.tokens[n:]
 
-    def sync(self, ids: Sequence[int]) -> tuple[np.ndarray, int]:
+    def sync(self, ids: Sequence[int], known: int = 0) -> tuple[np.ndarray, int]:
         """Make the cache hold `ids`; return logits [1, vocab] of the last id and how many positions ran.
 
         Only the part past the longest common prefix runs; at least the last id runs, to give logits.
+        `known`: the caller vouches that ids[:known] are already cached, so only the tail is compared
+        (the decode loop passes it to keep a step's work independent of the context length).
         """
-        common = min(common_prefix(self.tokens, ids), len(ids) - 1)
+        known = min(known, len(self.tokens), len(ids))
+        common = known + common_prefix(self.tokens[known:], ids[known:])
+        common = min(common, len(ids) - 1)
         self.truncate(common)
         new = list(ids[common:])
         logits = self.decoder.prefill(new)

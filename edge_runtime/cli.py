@@ -12,7 +12,8 @@ from . import __version__, paths
 from .cards import DEFAULT_MODEL, card_names, get_card, looks_like_path
 from .errors import EdgeRuntimeError, ExportError
 
-HELP = {"/reset": "forget the conversation", "/exit": "quit (also /bye, Ctrl-D)", "/help": "this list"}
+HELP = {"/reset": "forget the conversation", "/stats": "speed and speculation figures of the last answer",
+        "/exit": "quit (also /bye, Ctrl-D)", "/help": "this list"}
 
 
 def _fail_cleanly(fn):
@@ -70,10 +71,16 @@ def _bundle_path(model: str) -> Path:
     return card.bundle_dir
 
 
-def _engine(model: str, context: int | None, threads: int | None):
+def _engine(model: str, context: int | None, threads: int | None, draft: str | None = None, draft_min: int = 1,
+            draft_max: int = 4, **options):
     from .bundle import Bundle
     from .engine import Engine
-    return Engine(Bundle.load(_bundle_path(model)), context=context, threads=threads)
+    bundle = Bundle.load(_bundle_path(model))
+    draft = bundle.manifest.defaults.draft if draft is None else draft
+    if draft not in (None, "none", "ngram", "self", "target") and not looks_like_path(draft):
+        _bundle_path(draft)  # a card name: build it on first use like the target
+    return Engine(bundle, context=context, threads=threads, draft=draft, draft_min=draft_min, draft_max=draft_max,
+                  **options)
 
 
 def _sampling(temperature, top_k, top_p, seed):
@@ -81,10 +88,14 @@ def _sampling(temperature, top_k, top_p, seed):
     return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
 
 
-def _print_stats(stats) -> None:
+def _print_stats(engine) -> None:
+    stats = engine.last_stats
     click.echo(f"prompt: {stats.prompt_tokens} tokens ({stats.prefilled_tokens} run), {stats.prefill_tps:.1f} tok/s | "
                f"decode: {stats.generated_tokens} tokens, {stats.decode_tps:.1f} tok/s | "
                f"finish: {stats.finish_reason}", err=True)
+    if engine.drafter is not None:
+        click.echo(f"speculation ({engine.drafter.name}): acceptance {stats.acceptance_rate:.2f}, {stats.mean_accepted:.2f} accepted per "
+                   f"draft round, {stats.calls_per_token:.2f} target calls per token", err=True)
 
 
 def sampling_options(fn):
@@ -97,6 +108,10 @@ def sampling_options(fn):
         click.option("--context", type=int, default=None, help="KV cache length in tokens [model default]."),
         click.option("--threads", type=int, default=None, help="CPU threads [all cores]."),
         click.option("--stats", is_flag=True, help="Print prompt and decode tokens/s to stderr."),
+        click.option("--draft", default=None,
+                     help="Speculative draft: none, ngram, self, or a draft bundle / card [model default]."),
+        click.option("--draft-min", type=int, default=1, show_default=True, help="Fewest tokens drafted per round."),
+        click.option("--draft-max", type=int, default=4, show_default=True, help="Most tokens drafted per round."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -168,9 +183,10 @@ def export(source, output, force):
 @click.option("--raw", is_flag=True, help="Feed the prompt as is, without the chat template.")
 @sampling_options
 @_fail_cleanly
-def generate(model, prompt, raw, max_tokens, temperature, top_k, top_p, seed, context, threads, stats):
+def generate(model, prompt, raw, max_tokens, temperature, top_k, top_p, seed, context, threads, stats, draft,
+             draft_min, draft_max):
     """Answer one prompt, streaming the text to stdout."""
-    engine = _engine(model, context, threads)
+    engine = _engine(model, context, threads, draft, draft_min, draft_max)
     params, max_tokens = _resolve_sampling(engine, max_tokens, temperature, top_k, top_p, seed)
     ids = engine.encode(prompt) if raw else engine.chat_ids([{"role": "user", "content": prompt}])
     try:
@@ -180,7 +196,7 @@ def generate(model, prompt, raw, max_tokens, temperature, top_k, top_p, seed, co
         pass
     click.echo()
     if stats:
-        _print_stats(engine.last_stats)
+        _print_stats(engine)
 
 
 @cli.command()
@@ -188,10 +204,11 @@ def generate(model, prompt, raw, max_tokens, temperature, top_k, top_p, seed, co
 @click.option("--system", default=None, help="System prompt.")
 @sampling_options
 @_fail_cleanly
-def chat(model, system, max_tokens, temperature, top_k, top_p, seed, context, threads, stats):
+def chat(model, system, max_tokens, temperature, top_k, top_p, seed, context, threads, stats, draft, draft_min,
+         draft_max):
     """Chat with MODEL. Reads one prompt per line when stdin is not a terminal."""
     from .chat import ChatSession
-    engine = _engine(model, context, threads)
+    engine = _engine(model, context, threads, draft, draft_min, draft_max)
     params, max_tokens = _resolve_sampling(engine, max_tokens, temperature, top_k, top_p, seed)
     session = ChatSession(engine, system=system, trim=True, on_notice=lambda msg: click.echo(msg, err=True))
     interactive = sys.stdin.isatty()
@@ -219,6 +236,8 @@ def chat(model, system, max_tokens, temperature, top_k, top_p, seed, context, th
             if command == "/reset":
                 session.reset()
                 click.echo("(conversation cleared)", err=True)
+            elif command == "/stats":
+                _print_stats(engine)
             elif command == "/help":
                 for name, what in HELP.items():
                     click.echo(f"{name:8} {what}", err=True)
@@ -232,7 +251,7 @@ def chat(model, system, max_tokens, temperature, top_k, top_p, seed, context, th
             click.echo("\n(stopped)", err=True)
         click.echo()
         if stats:
-            _print_stats(engine.last_stats)
+            _print_stats(engine)
 
 
 def main():

@@ -20,7 +20,9 @@ from .decoder import Decoder
 from .detokenizer import StreamingDetokenizer
 from .errors import BundleError, InvalidArgumentError
 from .manifest import GraphSpec
-from .sampling import SamplingParams, make_sampler
+from .drafters import ModelDrafter, NgramDrafter
+from .sampling import SamplingParams, make_logits_processor, make_sampler
+from .speculative import DraftLength, speculative_steps
 from .session import create_session
 from .tokenizer import load_tokenizer
 
@@ -33,6 +35,23 @@ class GenerationStats:
     generated_tokens: int = 0
     decode_seconds: float = 0.0  # from the first generated token to the last
     finish_reason: str = ""      # "stop" (an end-of-sequence token), "length" (max_tokens)
+    target_calls: int = 0        # target forward calls after prefill
+    drafted_tokens: int = 0      # speculative decoding: tokens proposed by the draft
+    accepted_tokens: int = 0     # ... and accepted by the target
+    rounds_with_drafts: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        """Accepted drafts per round that drafted."""
+        return self.accepted_tokens / self.rounds_with_drafts if self.rounds_with_drafts else 0.0
+
+    @property
+    def calls_per_token(self) -> float:
+        return self.target_calls / max(1, self.generated_tokens - 1)
 
     @property
     def prefill_tps(self) -> float:
@@ -50,12 +69,33 @@ def make_decoder(bundle: Bundle, spec: GraphSpec, context: int, threads: int | N
     arch = bundle.manifest.architecture
     if spec.kind == "gqa":
         session = create_session(bundle.file(spec.file), threads)
-        return Decoder(session, arch, spec.num_layers or arch.num_layers, context)
+        return Decoder(session, arch, spec.num_layers or arch.num_layers, context, kv_dtype=np.dtype(spec.kv_dtype))
     raise BundleError(f"graph {spec.file} has kind {spec.kind!r}, which this runtime cannot run; upgrade edge-runtime")
 
 
+def check_draft_compatible(engine: Engine, draft: Bundle) -> None:
+    """A separate draft must speak the target's vocabulary: same ids for the same strings, same stops."""
+    from .tokenizer import load_tokenizer as load
+    dm, tm = draft.manifest, engine.manifest
+    draft_vocab = load(draft.file(dm.tokenizer)).get_vocab()
+    if draft_vocab != engine.tokenizer.get_vocab() or dm.architecture.vocab_size != tm.architecture.vocab_size:
+        raise BundleError(f"draft {draft.path} does not share the target's vocabulary ({len(draft_vocab)} vs "
+                          f"{engine.tokenizer.get_vocab_size()} tokens or different ids); pick a draft from the "
+                          "same model family")
+    if set(dm.tokens.eos) != set(tm.tokens.eos):
+        raise BundleError(f"draft {draft.path} has end-of-sequence tokens {list(dm.tokens.eos)}, the target "
+                          f"{list(tm.tokens.eos)}; pick a draft from the same model family")
+
+
 class Engine:
-    def __init__(self, bundle: Bundle, context: int | None = None, threads: int | None = None):
+    """A target model, optionally a draft, and generation.
+
+    draft: None/"none" (target only), "ngram" (prompt lookup), "self" (the bundle's own draft graph),
+    "target" (the target as its own draft: a test of the machinery), or a draft bundle folder / card name.
+    """
+
+    def __init__(self, bundle: Bundle, context: int | None = None, threads: int | None = None,
+                 draft: str | None = None, draft_min: int = 1, draft_max: int = 4, adaptive: bool = True):
         m = bundle.manifest
         self.bundle = bundle
         self.manifest = m
@@ -73,13 +113,36 @@ class Engine:
         self.eos = frozenset(m.tokens.eos)
         self.decoder = make_decoder(bundle, spec, context, threads)
         self.target = CachedDecoder(self.decoder)
+        self.draft_length = DraftLength(draft_min, draft_max, adaptive)  # validates the range even with no draft
+        self.drafter = self._make_drafter(draft, context, threads, draft_max)
         self.last_stats = GenerationStats()
 
+    def _make_drafter(self, draft: str | None, context: int, threads: int | None, draft_max: int):
+        if draft in (None, "none"):
+            return None
+        if draft == "ngram":
+            return NgramDrafter()
+        m = self.manifest
+        # the draft runs up to draft_max tokens past the target's write pointer
+        capacity = min(context + draft_max + 1, m.architecture.max_position_embeddings)
+        if draft in ("self", "target"):
+            bundle, spec = self.bundle, m.graph("draft" if draft == "self" else "target")
+            if spec is None:
+                raise BundleError(f"bundle {self.bundle.path} has no self-draft graph; export it with "
+                                  "`edge-rt export ... --draft self` or pick another --draft")
+        else:
+            from .cards import resolve_bundle
+            bundle = Bundle.load(resolve_bundle(draft))
+            check_draft_compatible(self, bundle)
+            spec = bundle.manifest.graph("target")
+        decoder = make_decoder(bundle, spec, capacity, threads)
+        return ModelDrafter(CachedDecoder(decoder), draft, draft_max, decoder.arch.vocab_size)
+
     @classmethod
-    def load(cls, model: str | Path, context: int | None = None, threads: int | None = None) -> Engine:
+    def load(cls, model: str | Path, context: int | None = None, threads: int | None = None, **options) -> Engine:
         """A bundle folder, or the name of a model card whose bundle is already built."""
         from .cards import resolve_bundle
-        return cls(Bundle.load(resolve_bundle(model)), context=context, threads=threads)
+        return cls(Bundle.load(resolve_bundle(model)), context=context, threads=threads, **options)
 
     def _token_text(self, token_id: int | None) -> str | None:
         return None if token_id is None else self.tokenizer.id_to_token(token_id)
@@ -103,6 +166,13 @@ class Engine:
     def reset(self) -> None:
         self.target.truncate(0)
 
+    def _plain_steps(self, first_logits: np.ndarray, sample, stats: GenerationStats) -> Iterator[int]:
+        token = sample(first_logits[-1])
+        while True:
+            yield token
+            token = sample(self.target.extend((token,))[-1])
+            stats.target_calls += 1
+
     # ---- the decode loop ------------------------------------------------------------------------------------
     def generate_step(self, prompt_ids: Sequence[int], sampling: SamplingParams = SamplingParams(),
                       max_tokens: int = 256) -> Iterator[int]:
@@ -115,21 +185,28 @@ class Engine:
         stats = self.last_stats = GenerationStats(prompt_tokens=len(prompt_ids))
         t0 = time.perf_counter()
         logits, stats.prefilled_tokens = self.target.sync(prompt_ids)
-        token = sample(logits[-1])
         t1 = time.perf_counter()
         stats.prefill_seconds = t1 - t0
-        while True:
-            if token in self.eos:
-                stats.finish_reason = "stop"
-                break
-            stats.generated_tokens += 1
+        if self.drafter is None:
+            steps = self._plain_steps(logits, sample, stats)
+        else:
+            self.drafter.reset()
+            steps = speculative_steps(self.target, self.drafter, self.draft_length, logits, list(prompt_ids),
+                                      sampling.greedy, sample, make_logits_processor(sampling), sample.rng, stats)
+        try:
+            for token in steps:
+                if token in self.eos:
+                    stats.finish_reason = "stop"
+                    break
+                stats.generated_tokens += 1
+                stats.decode_seconds = time.perf_counter() - t1
+                yield token
+                if stats.generated_tokens >= max_tokens:
+                    stats.finish_reason = "length"
+                    break
+        finally:
+            steps.close()
             stats.decode_seconds = time.perf_counter() - t1
-            yield token
-            if stats.generated_tokens >= max_tokens:
-                stats.finish_reason = "length"
-                break
-            token = sample(self.target.extend((token,))[-1])
-        stats.decode_seconds = time.perf_counter() - t1
 
     def stream_generate(self, prompt_ids: Sequence[int], sampling: SamplingParams = SamplingParams(),
                         max_tokens: int = 256) -> Iterator[str]:

@@ -21,3 +21,12 @@ def tiny_hf(tmp_path_factory):
 def tiny_bundle(tiny_hf, tmp_path_factory):
     from export.pipeline import export_bundle
     return export_bundle(str(tiny_hf), tmp_path_factory.mktemp("bundles") / "tiny-llama").path
+
+
+@pytest.fixture(scope="session")
+def tiny_draft_bundle(tmp_path_factory):
+    """A separate 1-layer draft with other weights but the same tokenizer as tiny_hf (the tokenizer is trained
+    deterministically), so it agrees with the target only sometimes."""
+    from export.pipeline import export_bundle
+    src = save_tiny(tmp_path_factory.mktemp("tiny-draft") / "tiny-draft", seed=1, layers=1)
+    return export_bundle(str(src), tmp_path_factory.mktemp("bundles") / "tiny-draft").path

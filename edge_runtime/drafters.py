@@ -1,0 +1,108 @@
+"""Draft sources for speculative decoding. Each proposes up to k tokens given the accepted history.
+
+A drafter that samples (a model at temperature > 0) leaves its distributions in `q[:n]` [n, vocab] so the
+verifier can apply the rejection rule; a deterministic drafter (n-gram lookup, any drafter under greedy) has
+one-hot q and sets `q = None`.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from .cached import CachedDecoder
+
+
+def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
+    """One sample from an unnormalised probability vector [V]."""
+    cdf = np.cumsum(probs)
+    return min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), len(probs) - 1)
+
+
+class NgramDrafter:
+    """Prompt lookup: find the latest earlier occurrence of the history's last n tokens (n = max_n .. min_n)
+    and propose the tokens that followed it. q is one-hot. The index grows by the new tokens only."""
+
+    name = "ngram"
+
+    def __init__(self, max_n: int = 3, min_n: int = 1):
+        self.max_n, self.min_n = max_n, min_n
+        self.q = None
+        self.reset()
+
+    def reset(self) -> None:
+        self._last: dict[tuple[int, ...], int] = {}  # n-gram -> position of its last token, latest occurrence
+        self._indexed = 0  # positions 0.._indexed-1 have been indexed as n-gram ends
+        self._history: list[int] | None = None
+
+    def _index(self, history: Sequence[int], upto: int) -> None:
+        for end in range(self._indexed, upto):
+            for n in range(self.min_n, self.max_n + 1):
+                if end - n + 1 >= 0:
+                    self._last[tuple(history[end - n + 1:end + 1])] = end
+        self._indexed = max(self._indexed, upto)
+
+    def propose(self, history: Sequence[int], k: int, **_) -> list[int]:
+        if history is not self._history or self._indexed > len(history):
+            self.reset()
+            self._history = history  # the loop appends to one list; a new list is a new generation
+        # index every n-gram that ends before the last token, so a match is an *earlier* occurrence
+        self._index(history, len(history) - 1)
+        for n in range(min(self.max_n, len(history)), self.min_n - 1, -1):
+            end = self._last.get(tuple(history[len(history) - n:]))
+            if end is not None:
+                return list(history[end + 1:end + 1 + k])
+        return []
+
+
+class ModelDrafter:
+    """A small model (or a cheaper copy of the target) with its own KV cache.
+
+    AdaEDL early stop: before drafting a token, the entropy H of the draft distribution gives a lower bound
+    on its acceptance probability, ~ 1 - sqrt(scale * H); drafting stops when it falls below `threshold`.
+    """
+
+    def __init__(self, model: CachedDecoder, name: str, gamma_max: int, vocab: int,
+                 entropy_scale: float = 0.2, threshold: float = 0.4):
+        self.model = model
+        self.name = name
+        self.entropy_scale = entropy_scale
+        self.threshold = threshold
+        self._q = np.zeros((gamma_max, vocab), np.float64)  # draft distributions of the proposed tokens
+        self.q: np.ndarray | None = None
+        self._synced = 0  # history[:_synced] is known to be in the draft's cache
+
+    def reset(self) -> None:
+        self._synced = 0
+
+    def _confident(self, logits: np.ndarray) -> bool:
+        if self.threshold <= 0:
+            return True
+        z = logits - logits.max()
+        p = np.exp(z)
+        total = p.sum()
+        entropy = math.log(total) - float(p @ z) / total  # H = log sum e^z - E[z]
+        return 1.0 - math.sqrt(self.entropy_scale * max(entropy, 0.0)) >= self.threshold
+
+    def propose(self, history: Sequence[int], k: int, greedy: bool = True,
+                process: Callable[[np.ndarray], np.ndarray] | None = None,
+                rng: np.random.Generator | None = None) -> list[int]:
+        # catch up on what the draft has not seen (the target's correction, the last accepted draft)
+        logits, _ = self.model.sync(history, known=self._synced)
+        self._synced = len(history)
+        drafts: list[int] = []
+        self.q = None if greedy else self._q
+        for i in range(k):
+            row = logits[-1]
+            if not self._confident(row):
+                break
+            if greedy:
+                token = int(np.argmax(row))
+            else:
+                self._q[i] = process(row)
+                token = draw(self._q[i], rng)
+            drafts.append(token)
+            if i + 1 < k:
+                logits = self.model.extend((token,))
+        return drafts

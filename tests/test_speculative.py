@@ -1,0 +1,227 @@
+"""Speculative decoding on real ONNX Runtime sessions (tiny models) and the rejection rule in isolation."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edge_runtime import Engine, SamplingParams
+from edge_runtime.bundle import Bundle
+from edge_runtime.cached import CachedDecoder
+from edge_runtime.cli import cli
+from edge_runtime.drafters import NgramDrafter
+from edge_runtime.engine import make_decoder
+from edge_runtime.errors import BundleError, InvalidArgumentError
+from edge_runtime.sampling import make_logits_processor
+from edge_runtime.speculative import DraftLength, verify
+from tiny import save_tiny
+
+PROMPTS = ["Hello! How are", "The capital of France", "def add(a, b):", "Café, naïve, 你好 and emoji"]
+
+# chi-square critical values at significance 0.001 (a false alarm once in a thousand runs), by degrees of freedom
+CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88, 10: 29.59,
+            11: 31.26, 12: 32.91, 13: 34.53, 14: 36.12, 15: 37.70, 16: 39.25, 17: 40.79, 18: 42.31, 19: 43.82,
+            20: 45.31, 25: 52.62, 30: 59.70, 40: 73.40, 50: 86.66, 60: 99.61, 80: 124.84, 100: 149.45}
+
+
+def chi2_critical(dof: int) -> float:
+    keys = sorted(CHI2_999)
+    return CHI2_999[min((k for k in keys if k >= dof), default=keys[-1])] if dof <= keys[-1] else dof + 4 * dof ** .5
+
+
+def chi_square(counts: np.ndarray, probs: np.ndarray, min_expected: float = 5.0) -> tuple[float, int]:
+    """Pearson's statistic with cells of expected count < min_expected pooled into one."""
+    n = counts.sum()
+    expected = probs * n
+    small = expected < min_expected
+    obs = np.append(counts[~small], counts[small].sum())
+    exp = np.append(expected[~small], expected[small].sum())
+    keep = exp > 0
+    return float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()), int(keep.sum() - 1)
+
+
+def _engine(bundle, **kw) -> Engine:
+    engine = Engine(Bundle.load(bundle), **kw)
+    engine.eos = frozenset()  # run all max_tokens
+    return engine
+
+
+def _prompt_ids(engine, prompt):
+    return engine.encode(prompt)
+
+
+@pytest.mark.parametrize("draft", ["ngram", "target", "separate"])
+def test_greedy_output_equals_target_only(tiny_bundle, tiny_draft_bundle, draft):
+    base = _engine(tiny_bundle)
+    spec = _engine(tiny_bundle, draft=str(tiny_draft_bundle) if draft == "separate" else draft, draft_max=5,
+                   adaptive=False)
+    drafted = 0
+    for prompt in PROMPTS:
+        ids = _prompt_ids(base, prompt)
+        expected = list(base.generate_step(ids, max_tokens=128))
+        assert list(spec.generate_step(ids, max_tokens=128)) == expected
+        drafted += spec.last_stats.drafted_tokens
+    assert drafted > 0  # speculation really ran
+
+
+def test_adaptive_length_keeps_greedy_output(tiny_bundle, tiny_draft_bundle):
+    base = _engine(tiny_bundle)
+    spec = _engine(tiny_bundle, draft=str(tiny_draft_bundle), draft_min=1, draft_max=6)
+    for prompt in PROMPTS:
+        ids = _prompt_ids(base, prompt)
+        assert list(spec.generate_step(ids, max_tokens=96)) == list(base.generate_step(ids, max_tokens=96))
+
+
+def test_target_as_its_own_draft_accepts_everything(tiny_bundle):
+    spec = _engine(tiny_bundle, draft="target", draft_max=4, adaptive=False)
+    spec.drafter.threshold = 0.0  # no entropy stop: every round drafts 4
+    tokens = list(spec.generate_step(_prompt_ids(spec, PROMPTS[0]), max_tokens=100))
+    s = spec.last_stats
+    assert len(tokens) == 100
+    assert s.drafted_tokens > 60 and s.accepted_tokens == s.drafted_tokens
+    assert s.calls_per_token < 0.3  # 5 tokens per target call, near enough
+
+
+def test_rollback_leaves_the_cache_as_target_only_decoding(tiny_bundle, tiny_draft_bundle):
+    spec = _engine(tiny_bundle, draft=str(tiny_draft_bundle), draft_max=4, adaptive=False)
+    spec.drafter.threshold = 0.0  # the random draft is unsure of everything; draft anyway
+    list(spec.generate_step(_prompt_ids(spec, PROMPTS[1]), max_tokens=60))
+    s = spec.last_stats
+    assert s.accepted_tokens < s.drafted_tokens  # some rounds were rejected and rolled back
+    pos = spec.decoder.kv.pos
+    assert pos == len(spec.target.tokens)
+    fresh = CachedDecoder(make_decoder(spec.bundle, spec.manifest.graph("target"), spec.context))
+    fresh.sync(spec.target.tokens)
+    np.testing.assert_allclose(spec.decoder.kv.data[..., :pos, :], fresh.kv.data[..., :pos, :], atol=1e-4)
+
+
+def _exact_pairs(engine: Engine, ids: list[int], params: SamplingParams) -> np.ndarray:
+    """P(x1, x2) of target-only sampling: p(x1) * p(x2 | x1), flattened [V * V]."""
+    process = make_logits_processor(params)
+    target = engine.target
+    logits, _ = target.sync(ids)
+    p1 = process(logits[-1])
+    vocab = p1.size
+    joint = np.zeros((vocab, vocab))
+    for x1 in np.flatnonzero(p1 > 0):
+        logits, _ = target.sync([*ids, int(x1)])
+        joint[x1] = p1[x1] * process(logits[-1])
+    return joint.ravel()
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0, seed=7),
+                                    SamplingParams(temperature=0.8, top_p=0.7, seed=11)],
+                         ids=["t1", "t0.8-top_p0.7"])
+def test_sampled_pairs_follow_the_target_distribution(tiny_bundle, tiny_draft_bundle, params):
+    """4,000 speculative continuations of 2 tokens against the exact target distribution (chi-square, p = 0.001).
+
+    The draft (another model) proposes x2, so x2 passes through the accept/resample rule."""
+    spec = _engine(tiny_bundle, draft=str(tiny_draft_bundle), draft_min=1, draft_max=1, adaptive=False)
+    spec.drafter.threshold = 0.0
+    ids = _prompt_ids(spec, "Hello! How")
+    exact = _exact_pairs(spec, ids, params)
+    vocab = int(np.sqrt(exact.size))
+    counts = np.zeros(exact.size)
+    drafted = accepted = 0
+    for i in range(4000):
+        x1, x2 = spec.generate_step(ids, SamplingParams(params.temperature, params.top_k, params.top_p, seed=i),
+                                    max_tokens=2)
+        counts[x1 * vocab + x2] += 1
+        drafted += spec.last_stats.drafted_tokens
+        accepted += spec.last_stats.accepted_tokens
+    assert drafted == 4000 and 0 < accepted < drafted  # both branches of the rule ran
+    stat, dof = chi_square(counts, exact)
+    assert stat < chi2_critical(dof), f"chi-square {stat:.1f} with {dof} dof"
+
+
+def test_the_test_can_fail_a_biased_sampler(tiny_bundle):
+    """The same statistic rejects draws from the draft-free distribution at another temperature."""
+    engine = _engine(tiny_bundle)
+    ids = _prompt_ids(engine, "Hello! How")
+    exact = _exact_pairs(engine, ids, SamplingParams(temperature=1.0))
+    wrong = _exact_pairs(engine, ids, SamplingParams(temperature=0.8))
+    counts = np.random.default_rng(0).multinomial(4000, wrong)
+    stat, dof = chi_square(counts.astype(float), exact)
+    assert stat > chi2_critical(dof)
+
+
+@pytest.mark.parametrize("one_hot", [False, True])
+def test_verify_outputs_the_target_distribution(one_hot):
+    """The first token out of verify() is distributed as p, whatever q proposes."""
+    rng = np.random.default_rng(0)
+    vocab = 6
+    p = rng.dirichlet(np.ones(vocab))
+    q = rng.dirichlet(np.ones(vocab))
+    logits = np.log(np.stack([p, p]))  # rows: the draft's position, the bonus position
+    process = make_logits_processor(SamplingParams(temperature=1.0))
+    counts = np.zeros(vocab)
+    for _ in range(20000):
+        x = 2 if one_hot else int(rng.choice(vocab, p=q))
+        qs = None if one_hot else q[None]
+        accepted, nxt = verify(logits, [x], qs, False, process, rng)
+        counts[x if accepted else nxt] += 1
+    stat, dof = chi_square(counts, p)
+    assert stat < chi2_critical(dof)
+
+
+def test_ngram_drafter_proposes_what_followed_the_last_match():
+    d = NgramDrafter(max_n=3)
+    history = [5, 6, 7, 8, 9, 1, 5, 6, 7]
+    assert d.propose(history, 3) == [8, 9, 1]
+    history.append(4)  # 7, 4 never seen: falls back to the 1-gram "4" which never occurred either
+    assert d.propose(history, 3) == []
+
+
+def test_draft_length_backs_off_when_drafts_do_not_pay():
+    length = DraftLength(1, 4)
+    assert length.next_k() == 0  # measures a plain step first
+    length.record(0, 0, 0.0, 0.010)
+    for _ in range(30):  # the draft costs half a target step and is never accepted
+        length.record(4, 0, 4 * 0.005, 0.012)
+    ks = [length.next_k() for _ in range(32)]
+    assert ks.count(0) >= 30 and max(ks) == 1  # off, with rare probes
+    for _ in range(30):  # a cheap draft that is always accepted
+        length.record(4, 4, 4 * 0.0001, 0.011)
+    assert length.next_k() == 4
+
+
+def test_draft_errors(tiny_bundle, tmp_path):
+    with pytest.raises(InvalidArgumentError, match="draft-max"):
+        Engine(Bundle.load(tiny_bundle), draft="ngram", draft_max=0)
+    with pytest.raises(InvalidArgumentError, match="draft-max"):
+        Engine(Bundle.load(tiny_bundle), draft="ngram", draft_max=16)
+    with pytest.raises(BundleError, match="no self-draft"):
+        Engine(Bundle.load(tiny_bundle), draft="self")
+    from export.pipeline import export_bundle
+    import tiny
+    other = tmp_path / "other"
+    save_tiny(other, seed=2, layers=1)
+    # another family: a different vocabulary
+    from transformers import PreTrainedTokenizerFast
+    tok = PreTrainedTokenizerFast.from_pretrained(other)
+    tok.add_tokens(["<extra_token>"])
+    tok.save_pretrained(other)
+    model = tiny.make_model(len(tok), seed=2, layers=1)
+    model.save_pretrained(other)
+    bundle = export_bundle(str(other), tmp_path / "other-bundle")
+    with pytest.raises(BundleError, match="vocabulary"):
+        Engine(Bundle.load(tiny_bundle), draft=str(bundle.path))
+
+
+@pytest.mark.parametrize("args, word", [(["--draft", "ngram", "--draft-max", "0"], "draft-max"),
+                                        (["--draft", "self"], "self-draft"),
+                                        (["--draft", "nosuch-card"], "no model card")])
+def test_draft_errors_on_the_command_line(tiny_bundle, args, word):
+    result = CliRunner().invoke(cli, ["generate", str(tiny_bundle), "-p", "hi", *args])
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error:") and word in lines[0]
+
+
+def test_generate_with_a_draft_prints_speculation_stats(tiny_bundle):
+    result = CliRunner().invoke(cli, ["generate", str(tiny_bundle), "-p", "hi", "--draft", "target", "--stats",
+                                      "--max-tokens", "16"])
+    assert result.exit_code == 0, result.output
+    plain = CliRunner().invoke(cli, ["generate", str(tiny_bundle), "-p", "hi", "--max-tokens", "16"])
+    assert result.stdout == plain.stdout
+    assert "acceptance" in result.stderr
