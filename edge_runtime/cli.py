@@ -36,7 +36,7 @@ def _export_api():
     return pipeline
 
 
-def _build(source: str, out: Path, force: bool = False):
+def _build(source: str, out: Path, force: bool = False, kv_dtype: str = "float32"):
     """Run the export pipeline with a progress bar over its stages."""
     from tqdm import tqdm
     stages = ["load source", "build graph", "write graph", "write tokenizer", "verify"]
@@ -49,7 +49,7 @@ def _build(source: str, out: Path, force: bool = False):
             bar.set_postfix_str(stage)
             bar.update(stages.index(stage) - bar.n)
         try:
-            bundle = pipeline.export_bundle(source, out, force=force, progress=progress)
+            bundle = pipeline.export_bundle(source, out, force=force, progress=progress, kv_dtype=kv_dtype)
         except BaseException:
             bar.leave = False  # a failed export ends with its one `Error:` line, not a stale bar above it
             raise
@@ -118,6 +118,17 @@ def sampling_options(fn):
     return fn
 
 
+def memory_option(fn):
+    """--memory-budget, for every command that loads a model."""
+    return click.option("--memory-budget", default=None, metavar="SIZE",
+                        help="Most memory the model may take, e.g. 1.5GB (powers of 1024) [available memory].")(fn)
+
+
+def _budget(text: str | None) -> int | None:
+    from .memory import parse_size
+    return None if text is None else parse_size(text)
+
+
 def _resolve_sampling(engine, max_tokens, temperature, top_k, top_p, seed):
     d = engine.manifest.defaults
     params = _sampling(d.temperature if temperature is None else temperature, d.top_k if top_k is None else top_k,
@@ -166,14 +177,16 @@ def fetch(card):
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Bundle folder to write [the cache, for a card name].")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
+@click.option("--kv-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="KV cache element type; float16 halves the cache (attention then runs in float16).")
 @_fail_cleanly
-def export(source, output, force):
+def export(source, output, force, kv_dtype):
     """Export SOURCE (a card name, a Hugging Face folder or a .gguf file) to an ONNX bundle."""
     if output is None:
         if looks_like_path(source):
             raise click.ClickException("-o/--output is needed when SOURCE is a path")
         output = get_card(source).bundle_dir
-    _build(source, output, force=force)
+    _build(source, output, force=force, kv_dtype=kv_dtype)
     click.echo(str(output))
 
 
@@ -182,11 +195,12 @@ def export(source, output, force):
 @click.option("-p", "--prompt", required=True, help="The prompt.")
 @click.option("--raw", is_flag=True, help="Feed the prompt as is, without the chat template.")
 @sampling_options
+@memory_option
 @_fail_cleanly
 def generate(model, prompt, raw, max_tokens, temperature, top_k, top_p, seed, context, threads, stats, draft,
-             draft_min, draft_max):
+             draft_min, draft_max, memory_budget):
     """Answer one prompt, streaming the text to stdout."""
-    engine = _engine(model, context, threads, draft, draft_min, draft_max)
+    engine = _engine(model, context, threads, draft, draft_min, draft_max, memory_budget=_budget(memory_budget))
     params, max_tokens = _resolve_sampling(engine, max_tokens, temperature, top_k, top_p, seed)
     ids = engine.encode(prompt) if raw else engine.chat_ids([{"role": "user", "content": prompt}])
     try:
@@ -203,12 +217,13 @@ def generate(model, prompt, raw, max_tokens, temperature, top_k, top_p, seed, co
 @click.argument("model", default=DEFAULT_MODEL)
 @click.option("--system", default=None, help="System prompt.")
 @sampling_options
+@memory_option
 @_fail_cleanly
 def chat(model, system, max_tokens, temperature, top_k, top_p, seed, context, threads, stats, draft, draft_min,
-         draft_max):
+         draft_max, memory_budget):
     """Chat with MODEL. Reads one prompt per line when stdin is not a terminal."""
     from .chat import ChatSession
-    engine = _engine(model, context, threads, draft, draft_min, draft_max)
+    engine = _engine(model, context, threads, draft, draft_min, draft_max, memory_budget=_budget(memory_budget))
     params, max_tokens = _resolve_sampling(engine, max_tokens, temperature, top_k, top_p, seed)
     session = ChatSession(engine, system=system, trim=True, on_notice=lambda msg: click.echo(msg, err=True))
     interactive = sys.stdin.isatty()
@@ -252,6 +267,72 @@ def chat(model, system, max_tokens, temperature, top_k, top_p, seed, context, th
         click.echo()
         if stats:
             _print_stats(engine)
+
+
+@cli.command()
+@click.argument("model", default=DEFAULT_MODEL)
+@click.option("--draft", "drafts", multiple=True,
+              help="A draft to compare (repeatable): ngram, self, or a draft bundle / card [ngram, and self if the "
+                   "bundle has one].")
+@click.option("--runs", type=int, default=3, show_default=True, help="Measured runs per draft and prompt (median).")
+@click.option("--max-tokens", type=int, default=128, show_default=True)
+@click.option("--draft-min", type=int, default=1, show_default=True)
+@click.option("--draft-max", type=int, default=4, show_default=True)
+@click.option("--context", type=int, default=None, help="KV cache length in tokens [model default].")
+@click.option("--threads", type=int, default=None, help="CPU threads [all cores].")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@memory_option
+@_fail_cleanly
+def bench(model, drafts, runs, max_tokens, draft_min, draft_max, context, threads, as_json, memory_budget):
+    """Target-only vs each draft kind, side by side, greedy, on a fixed prompt set (chat, summarize, copy, code)."""
+    import json
+
+    from . import bench as bench_mod
+    if runs < 1 or max_tokens < 1:
+        raise click.ClickException("--runs and --max-tokens must be at least 1")
+    engine = _engine(model, context, threads, "none", draft_min, draft_max, memory_budget=_budget(memory_budget))
+    if not drafts:
+        drafts = ("ngram", "self") if engine.manifest.graph("draft") else ("ngram",)
+    rows = bench_mod.run_bench(engine, list(drafts), runs=runs, max_tokens=max_tokens, draft_min=draft_min,
+                               draft_max=draft_max)
+    if as_json:
+        click.echo(json.dumps(bench_mod.as_json(rows), indent=1))
+    else:
+        click.echo(f"{engine.manifest.name}: greedy, {max_tokens} new tokens, median of {runs} runs, "
+                   f"{engine.decoder.session.get_session_options().intra_op_num_threads} threads")
+        click.echo(bench_mod.format_table(rows))
+
+
+@cli.command()
+@click.argument("model", default=DEFAULT_MODEL)
+@click.option("--draft", default=None, help="Draft to plan for: none, ngram, self, or a draft bundle / card "
+                                            "[model default].")
+@click.option("--context", type=int, default=None, help="KV cache length in tokens [model default].")
+@click.option("--draft-max", type=int, default=4, show_default=True, help="Most tokens drafted per round.")
+@memory_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@_fail_cleanly
+def plan(model, draft, context, draft_max, memory_budget, as_json):
+    """What MODEL will take in memory, before loading it: weights, KV cache, workspace, largest context that fits."""
+    import json
+
+    from .bundle import Bundle
+    from .memory import check_plan, default_budget, plan_memory, plan_table
+    bundle = Bundle.load(_bundle_path(model), verify=False)  # sizes come from the manifest and the file system
+    draft = bundle.manifest.defaults.draft if draft is None else draft
+    budget = _budget(memory_budget)
+    note = "" if budget is not None else " (available memory)"
+    budget = default_budget() if budget is None else budget
+    result = plan_memory(bundle, context, draft, draft_max=draft_max, budget=budget)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=1))
+    else:
+        click.echo(plan_table(result, note))
+    if result.shortfall:
+        try:
+            check_plan(result)
+        except EdgeRuntimeError as e:
+            click.echo(f"does not fit: {e}", err=True)
 
 
 def main():

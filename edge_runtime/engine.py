@@ -20,6 +20,7 @@ from .decoder import Decoder
 from .detokenizer import StreamingDetokenizer
 from .errors import BundleError, InvalidArgumentError
 from .manifest import GraphSpec
+from .memory import check_memory
 from .drafters import ModelDrafter, NgramDrafter
 from .sampling import SamplingParams, make_logits_processor, make_sampler
 from .speculative import DraftLength, speculative_steps
@@ -95,7 +96,8 @@ class Engine:
     """
 
     def __init__(self, bundle: Bundle, context: int | None = None, threads: int | None = None,
-                 draft: str | None = None, draft_min: int = 1, draft_max: int = 4, adaptive: bool = True):
+                 draft: str | None = None, draft_min: int = 1, draft_max: int = 4, adaptive: bool = True,
+                 memory_budget: int | None = None):
         m = bundle.manifest
         self.bundle = bundle
         self.manifest = m
@@ -104,6 +106,7 @@ class Engine:
         if not 0 < context <= m.architecture.max_position_embeddings:
             raise InvalidArgumentError(
                 f"context {context} is out of range; this model takes 1..{m.architecture.max_position_embeddings}")
+        self.memory_plan = check_memory(bundle, context, memory_budget, draft, draft_max)  # before any allocation
         self.tokenizer = load_tokenizer(bundle.file(m.tokenizer))
         if self.tokenizer.get_vocab_size() > m.architecture.vocab_size:
             raise BundleError(f"tokenizer has {self.tokenizer.get_vocab_size()} tokens but the model only "
@@ -113,9 +116,14 @@ class Engine:
         self.eos = frozenset(m.tokens.eos)
         self.decoder = make_decoder(bundle, spec, context, threads)
         self.target = CachedDecoder(self.decoder)
-        self.draft_length = DraftLength(draft_min, draft_max, adaptive)  # validates the range even with no draft
-        self.drafter = self._make_drafter(draft, context, threads, draft_max)
+        self._threads = threads
+        self.set_draft(draft, draft_min, draft_max, adaptive)
         self.last_stats = GenerationStats()
+
+    def set_draft(self, draft: str | None, draft_min: int = 1, draft_max: int = 4, adaptive: bool = True) -> None:
+        """Switch the draft source (the target and its cache stay loaded)."""
+        self.draft_length = DraftLength(draft_min, draft_max, adaptive)  # validates the range even with no draft
+        self.drafter = self._make_drafter(draft, self.context, self._threads, draft_max)
 
     def _make_drafter(self, draft: str | None, context: int, threads: int | None, draft_max: int):
         if draft in (None, "none"):
