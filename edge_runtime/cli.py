@@ -293,8 +293,13 @@ def bench(model, drafts, runs, max_tokens, draft_min, draft_max, context, thread
     engine = _engine(model, context, threads, "none", draft_min, draft_max, memory_budget=_budget(memory_budget))
     if not drafts:
         drafts = ("ngram", "self") if engine.manifest.graph("draft") else ("ngram",)
-    rows = bench_mod.run_bench(engine, list(drafts), runs=runs, max_tokens=max_tokens, draft_min=draft_min,
-                               draft_max=draft_max)
+    prompt_set = bench_mod.PROMPTS
+    if prompts:
+        if not all("=" in p for p in prompts):
+            raise click.ClickException("--prompt takes NAME=TEXT")
+        prompt_set = dict(p.split("=", 1) for p in prompts)
+    rows = bench_mod.run_bench(engine, list(drafts), prompt_set, runs=runs, max_tokens=max_tokens,
+                               draft_min=draft_min, draft_max=draft_max)
     if as_json:
         click.echo(json.dumps(bench_mod.as_json(rows), indent=1))
     else:

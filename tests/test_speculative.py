@@ -229,8 +229,10 @@ def test_generate_with_a_draft_prints_speculation_stats(tiny_bundle):
 
 def test_bench_compares_drafts_side_by_side(tiny_bundle):
     import json
+    prompts = ["--prompt", "chat=Hello! How are you?", "--prompt", "copy=Repeat: the quick brown fox jumps",
+               "--prompt", "summarize=Paris is the capital of France", "--prompt", "code=def add(a, b):"]
     result = CliRunner().invoke(cli, ["bench", str(tiny_bundle), "--runs", "1", "--max-tokens", "12", "--draft",
-                                      "ngram", "--draft", "target", "--json"])
+                                      "ngram", "--draft", "target", "--json", *prompts])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
     assert {(r["draft"], r["prompt"]) for r in rows} == {(d, p) for d in ("none", "ngram", "target")
@@ -238,5 +240,5 @@ def test_bench_compares_drafts_side_by_side(tiny_bundle):
     assert all(r["identical"] for r in rows)
     assert all(r["speedup"] == 1.0 for r in rows if r["draft"] == "none")
     assert all(r["acceptance_rate"] == 1.0 for r in rows if r["draft"] == "target" and r["calls_per_token"] < 1)
-    table = CliRunner().invoke(cli, ["bench", str(tiny_bundle), "--runs", "1", "--max-tokens", "8"])
+    table = CliRunner().invoke(cli, ["bench", str(tiny_bundle), "--runs", "1", "--max-tokens", "8", *prompts])
     assert table.exit_code == 0 and "speedup" in table.stdout and "ngram" in table.stdout
