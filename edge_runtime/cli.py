@@ -280,10 +280,12 @@ def chat(model, system, max_tokens, temperature, top_k, top_p, seed, context, th
 @click.option("--draft-max", type=int, default=4, show_default=True)
 @click.option("--context", type=int, default=None, help="KV cache length in tokens [model default].")
 @click.option("--threads", type=int, default=None, help="CPU threads [all cores].")
+@click.option("--prompt", "prompts", multiple=True, metavar="NAME=TEXT",
+              help="Replace the prompt set with these (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @memory_option
 @_fail_cleanly
-def bench(model, drafts, runs, max_tokens, draft_min, draft_max, context, threads, as_json, memory_budget):
+def bench(model, drafts, runs, max_tokens, draft_min, draft_max, context, threads, prompts, as_json, memory_budget):
     """Target-only vs each draft kind, side by side, greedy, on a fixed prompt set (chat, summarize, copy, code)."""
     import json
 
