@@ -51,12 +51,17 @@ class Bundle:
             raise BundleError(f"manifest lists no sha256 for {sorted(unlisted)}; re-export the bundle")
         if m.graph("target") is None:
             raise BundleError(f"bundle {self.path} has no target graph; re-export it")
+        compiled = {f: g.ep_context["ep"] for g in m.graphs if g.ep_context
+                    for f in (g.ep_context["file"], *g.ep_context.get("binaries", ()))}
         for name, digest in m.files.items():
             file = self.path / name
+            # a compiled context binary (`edge-rt compile`) is remade by compiling again, not by exporting
+            fix = (f"run `edge-rt compile {self.path} --ep {compiled[name]}` again" if name in compiled
+                   else "re-export the bundle")
             if not file.is_file():
-                raise BundleError(f"bundle file {file} is missing; re-export the bundle")
+                raise BundleError(f"bundle file {file} is missing; {fix}")
             if verify and sha256_file(file) != digest:
-                raise BundleError(f"bundle file {file} is corrupt (sha256 mismatch); re-export the bundle")
+                raise BundleError(f"bundle file {file} is corrupt (sha256 mismatch); {fix}")
 
     def file(self, name: str) -> Path:
         return self.path / name

@@ -36,10 +36,10 @@ def _export_api():
     return pipeline
 
 
-def _build(source: str, out: Path, force: bool = False, kv_dtype: str = "float32"):
+def _build(source: str, out: Path, force: bool = False, kv_dtype: str = "float32", **export_options):
     """Run the export pipeline with a progress bar over its stages."""
     from tqdm import tqdm
-    stages = ["load source", "build graph", "write graph", "write tokenizer", "verify"]
+    stages = ["load source", "build graph", "write graph", "write tokenizer", "build draft", "verify"]
     pipeline = _export_api()
     t0 = time.perf_counter()
     # disable=None: no bar when stderr is not a terminal (a pipe or log gets only the result or the error line)
@@ -49,7 +49,8 @@ def _build(source: str, out: Path, force: bool = False, kv_dtype: str = "float32
             bar.set_postfix_str(stage)
             bar.update(stages.index(stage) - bar.n)
         try:
-            bundle = pipeline.export_bundle(source, out, force=force, progress=progress, kv_dtype=kv_dtype)
+            bundle = pipeline.export_bundle(source, out, force=force, progress=progress, kv_dtype=kv_dtype,
+                                            **export_options)
         except BaseException:
             bar.leave = False  # a failed export ends with its one `Error:` line, not a stale bar above it
             raise
@@ -72,15 +73,93 @@ def _bundle_path(model: str) -> Path:
 
 
 def _engine(model: str, context: int | None, threads: int | None, draft: str | None = None, draft_min: int = 1,
-            draft_max: int = 4, **options):
+            draft_max: int = 4, train_draft: bool = False, **options):
     from .bundle import Bundle
     from .engine import Engine
     bundle = Bundle.load(_bundle_path(model))
+    if train_draft or draft == "trained" or (draft is None and bundle.manifest.defaults.draft == "trained"):
+        draft = _trained_draft(bundle, build=train_draft, asked=draft == "trained")
     draft = bundle.manifest.defaults.draft if draft is None else draft
     if draft not in (None, "none", "ngram", "self", "target") and not looks_like_path(draft):
         _bundle_path(draft)  # a card name: build it on first use like the target
     return Engine(bundle, context=context, threads=threads, draft=draft, draft_min=draft_min, draft_max=draft_max,
                   **options)
+
+
+def _trained_draft_dir(name: str) -> Path:
+    """Where `edge-rt train-draft CARD` and `chat --train-draft` put a model's trained draft."""
+    return paths.bundles_dir() / f"{name}-draft"
+
+
+def _trained_draft(bundle, build: bool, asked: bool) -> str:
+    """--draft trained: the draft train-draft built for this model. Built here only when the user asks
+    (chat --train-draft); otherwise a card default falls back to ngram with a notice."""
+    out = _trained_draft_dir(bundle.manifest.name)
+    if (out / "manifest.json").is_file():
+        return str(out)
+    if build:
+        resume = (out.with_name(out.name + ".train") / "recipe.json").is_file()
+        click.echo(f"training a draft for {bundle.manifest.name} (once, about 30 minutes; Ctrl-C stops, "
+                   f"--train-draft again resumes)", err=True)
+        _train_draft(bundle.path, out, resume=resume)
+        return str(out)
+    if asked:
+        raise click.ClickException(f"{bundle.manifest.name} has no trained draft yet; build it with `edge-rt "
+                                   f"train-draft {bundle.manifest.name}` or `edge-rt chat --train-draft`")
+    click.echo(f"(no trained draft for {bundle.manifest.name} yet; `edge-rt chat --train-draft` builds one in about "
+               "30 minutes; using ngram)", err=True)
+    return "ngram"
+
+
+class _TrainProgress:
+    """train-draft's stages as tqdm bars on stderr; held-out evaluations and notes as lines that stay."""
+
+    def __init__(self):
+        self.bar = None
+
+    def stage(self, name: str, total: int, done: int = 0) -> None:
+        from tqdm import tqdm
+        if self.bar is not None:
+            self.bar.close()
+        unit = "prompt" if name.startswith("answer") else "step"
+        self.bar = tqdm(total=total or None, initial=done, desc=name, unit=unit, file=sys.stderr, disable=None,
+                        dynamic_ncols=True)
+
+    def update(self, done: int, figures: dict) -> None:
+        self.bar.update(done - self.bar.n)
+        self.bar.set_postfix({k: f"{v:.3g}" for k, v in figures.items() if isinstance(v, float)}, refresh=False)
+        if "acceptance" in figures:
+            self.note(f"step {done}: held-out greedy acceptance {figures['acceptance']:.3f}, "
+                      f"KL {figures['heldout_kl']:.3f}")
+
+    def note(self, message: str) -> None:
+        if self.bar is not None and not self.bar.disable:
+            self.bar.write(message, file=sys.stderr)
+        else:
+            click.echo(message, err=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _train_draft(target: Path, out: Path, minutes: float = 30.0, prompts: Path | None = None, resume: bool = False,
+                 settings: tuple[str, ...] = ()):
+    try:
+        from export.distill import parse_settings, train_draft
+    except ImportError as e:
+        raise ExportError(f"training a draft needs the export extra ({e.name} is missing): "
+                          "pip install 'edge-runtime[export]'") from None
+    progress = _TrainProgress()
+    try:
+        result = train_draft(target, out, prompts, minutes, resume, parse_settings(settings), progress)
+    finally:
+        progress.close()
+    click.echo(f"draft {out}: held-out greedy acceptance {result.final['acceptance']:.3f} (untrained "
+               f"{result.initial['acceptance']:.3f}), {result.steps} steps on {result.answer_tokens} answer tokens, "
+               f"weights {result.draft_bytes / 2**20:.1f} MiB = {100 * result.draft_bytes / result.target_bytes:.1f}% "
+               f"of the target's, built in {result.seconds / 60:.1f} min; checkpoints in {result.work}", err=True)
+    return result
 
 
 def _sampling(temperature, top_k, top_p, seed):
@@ -118,6 +197,19 @@ def sampling_options(fn):
     return fn
 
 
+def ep_options(fn):
+    """--ep and the repeatable --ep-option KEY=VALUE (QNN provider options: htp_performance_mode=burst, ...)."""
+    fn = click.option("--ep-option", "ep_option", multiple=True, metavar="KEY=VALUE",
+                      help="Execution provider option, repeatable (e.g. htp_performance_mode=burst).")(fn)
+    return click.option("--ep", type=click.Choice(["cpu", "qnn"]), default=None,
+                        help="Where the model runs: cpu, or qnn (the NPU; static bundles) [the bundle's own].")(fn)
+
+
+def _ep_kwargs(ep, ep_option) -> dict:
+    from .providers import parse_ep_options
+    return {"ep": ep, "ep_options": parse_ep_options(ep_option)}
+
+
 def memory_option(fn):
     """--memory-budget, for every command that loads a model."""
     return click.option("--memory-budget", default=None, metavar="SIZE",
@@ -152,12 +244,19 @@ def info():
     import onnxruntime as ort
     click.echo(f"edge-runtime {__version__}, onnxruntime {ort.__version__}, numpy {numpy.__version__}, "
                f"python {sys.version.split()[0]}")
+    from .providers import qnn_status
+    qnn = qnn_status()  # registers the QNN plugin library when it is installed, so the lists below show it
     click.echo(f"execution providers: {', '.join(ort.get_available_providers())}")
     try:
         devices = [f"{d.ep_name}:{d.device.type}" for d in ort.get_ep_devices()]
     except AttributeError:
         devices = []
     click.echo(f"devices: {', '.join(devices) or 'n/a'}")
+    if qnn.available:
+        click.echo(f"QNN: available (onnxruntime-qnn {qnn.version}, QNN SDK {qnn.qnn_sdk}), HTP backend "
+                   f"{qnn.htp_backend}; devices: {'; '.join(qnn.devices)}")
+    else:
+        click.echo(f"QNN: not available ({qnn.reason})")
     click.echo(f"cache folder: {paths.home()} (set EDGE_RT_HOME to move it)")
     click.echo(f"model cards: {', '.join(card_names())} (default: {DEFAULT_MODEL})")
 
@@ -179,15 +278,43 @@ def fetch(card):
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--kv-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="KV cache element type; float16 halves the cache (attention then runs in float16).")
+@click.option("--target-ep", type=click.Choice(["cpu", "qnn"]), default="cpu", show_default=True,
+              help="cpu: one dynamic graph; qnn: static-shape graphs (AR-1, AR-k, AR-N) for the NPU.")
+@click.option("--context", type=int, default=None,
+              help="With --target-ep qnn: the static graphs' context length [model default].")
+@click.option("--draft", default=None, metavar="self[:RECIPE][:LAYERS]",
+              help="Add a self-draft graph: the target quantized harder (default cpu-int4), optionally cut to its "
+                   "first LAYERS layers [the card's default draft].")
 @_fail_cleanly
-def export(source, output, force, kv_dtype):
+def export(source, output, force, kv_dtype, target_ep, context, draft):
     """Export SOURCE (a card name, a Hugging Face folder or a .gguf file) to an ONNX bundle."""
     if output is None:
         if looks_like_path(source):
             raise click.ClickException("-o/--output is needed when SOURCE is a path")
         output = get_card(source).bundle_dir
-    _build(source, output, force=force, kv_dtype=kv_dtype)
+    if context is not None and target_ep == "cpu":
+        raise click.ClickException("--context is for --target-ep qnn (a CPU bundle takes its context at load)")
+    _build(source, output, force=force, kv_dtype=kv_dtype, target_ep=target_ep, context=context, draft=draft)
     click.echo(str(output))
+
+
+@cli.command(name="compile")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--ep", type=click.Choice(["qnn"]), default="qnn", show_default=True,
+              help="Execution provider to compile for.")
+@click.option("--soc", default=None, help="QNN soc_model id of the target Snapdragon [the EP's default].")
+@click.option("--ep-option", "ep_option", multiple=True, metavar="KEY=VALUE",
+              help="Execution provider option, repeatable (e.g. htp_arch=73).")
+@_fail_cleanly
+def compile_bundle(bundle, ep, soc, ep_option):
+    """Prepare QNN context binaries for BUNDLE's static graphs, so loading skips graph compilation."""
+    from .compile import compile_bundle as compile_
+    from .providers import parse_ep_options
+    t0 = time.perf_counter()
+    compiled = compile_(bundle, ep, soc, parse_ep_options(ep_option), progress=lambda msg: click.echo(msg, err=True))
+    n = sum(1 for g in compiled.manifest.graphs if g.ep_context)
+    click.echo(f"{n} graphs compiled for {ep} in {time.perf_counter() - t0:.1f} s", err=True)
+    click.echo(str(bundle))
 
 
 @cli.command()
@@ -196,11 +323,13 @@ def export(source, output, force, kv_dtype):
 @click.option("--raw", is_flag=True, help="Feed the prompt as is, without the chat template.")
 @sampling_options
 @memory_option
+@ep_options
 @_fail_cleanly
 def generate(model, prompt, raw, max_tokens, temperature, top_k, top_p, seed, context, threads, stats, draft,
-             draft_min, draft_max, memory_budget):
+             draft_min, draft_max, memory_budget, ep, ep_option):
     """Answer one prompt, streaming the text to stdout."""
-    engine = _engine(model, context, threads, draft, draft_min, draft_max, memory_budget=_budget(memory_budget))
+    engine = _engine(model, context, threads, draft, draft_min, draft_max, memory_budget=_budget(memory_budget),
+                     **_ep_kwargs(ep, ep_option))
     params, max_tokens = _resolve_sampling(engine, max_tokens, temperature, top_k, top_p, seed)
     ids = engine.encode(prompt) if raw else engine.chat_ids([{"role": "user", "content": prompt}])
     try:
@@ -216,14 +345,20 @@ def generate(model, prompt, raw, max_tokens, temperature, top_k, top_p, seed, co
 @cli.command()
 @click.argument("model", default=DEFAULT_MODEL)
 @click.option("--system", default=None, help="System prompt.")
+@click.option("--train-draft", is_flag=True,
+              help="Speculate with this model's trained draft, training it first if needed (once, ~30 minutes).")
 @sampling_options
 @memory_option
+@ep_options
 @_fail_cleanly
-def chat(model, system, max_tokens, temperature, top_k, top_p, seed, context, threads, stats, draft, draft_min,
-         draft_max, memory_budget):
+def chat(model, system, train_draft, max_tokens, temperature, top_k, top_p, seed, context, threads, stats, draft,
+         draft_min, draft_max, memory_budget, ep, ep_option):
     """Chat with MODEL. Reads one prompt per line when stdin is not a terminal."""
     from .chat import ChatSession
-    engine = _engine(model, context, threads, draft, draft_min, draft_max, memory_budget=_budget(memory_budget))
+    if train_draft and draft not in (None, "trained"):
+        raise click.ClickException(f"--train-draft speculates with the trained draft; it cannot go with --draft {draft}")
+    engine = _engine(model, context, threads, draft, draft_min, draft_max, train_draft=train_draft,
+                     memory_budget=_budget(memory_budget), **_ep_kwargs(ep, ep_option))
     params, max_tokens = _resolve_sampling(engine, max_tokens, temperature, top_k, top_p, seed)
     session = ChatSession(engine, system=system, trim=True, on_notice=lambda msg: click.echo(msg, err=True))
     interactive = sys.stdin.isatty()
@@ -340,6 +475,28 @@ def plan(model, draft, context, draft_max, memory_budget, as_json):
             check_plan(result)
         except EdgeRuntimeError as e:
             click.echo(f"does not fit: {e}", err=True)
+
+
+@cli.command("train-draft")
+@click.argument("model", default=DEFAULT_MODEL)
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Draft bundle folder to write [the cache, for a card name; what --draft trained loads].")
+@click.option("--minutes", type=float, default=30.0, show_default=True,
+              help="Wall-clock budget for answering prompts, training and export.")
+@click.option("--prompts", type=click.Path(path_type=Path), default=None,
+              help="UTF-8 text file, one prompt per line [a shipped list of ~200 chat prompts].")
+@click.option("--resume", is_flag=True, help="Continue the run whose checkpoints are in OUTPUT.train/.")
+@click.option("-s", "--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Rare settings (repeatable): layers, vocab, temperature, max_tokens, steps, batch, lr, threads, ...")
+@_fail_cleanly
+def train_draft_command(model, output, minutes, prompts, resume, settings):
+    """Train a small draft for speculative decoding on MODEL's own answers and export it as a bundle."""
+    if output is None:
+        if looks_like_path(model):
+            raise click.ClickException("-o/--output is needed when MODEL is a path")
+        output = _trained_draft_dir(get_card(model).name)
+    _train_draft(_bundle_path(model), output, minutes, prompts, resume, settings)
+    click.echo(str(output))
 
 
 def main():

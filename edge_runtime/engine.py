@@ -18,13 +18,15 @@ from .cached import CachedDecoder
 from .chat_template import CHATML, ChatTemplate
 from .decoder import Decoder
 from .detokenizer import StreamingDetokenizer
-from .errors import BundleError, InvalidArgumentError
+from .errors import BundleError, ExecutionProviderError, InvalidArgumentError
 from .manifest import GraphSpec
 from .memory import check_memory
 from .drafters import ModelDrafter, NgramDrafter
 from .sampling import SamplingParams, make_logits_processor, make_sampler
 from .speculative import DraftLength, speculative_steps
+from .providers import check_ep
 from .session import create_session
+from .static_decoder import load_static_decoder
 from .tokenizer import load_tokenizer
 
 
@@ -65,9 +67,16 @@ class GenerationStats:
         return steps / self.decode_seconds if steps > 0 and self.decode_seconds else 0.0
 
 
-def make_decoder(bundle: Bundle, spec: GraphSpec, context: int, threads: int | None = None) -> Decoder:
-    """The decoder for one graph of a bundle, by the graph's kind."""
+def make_decoder(bundle: Bundle, spec: GraphSpec, context: int, threads: int | None = None, ep: str | None = None,
+                 ep_options: dict[str, str] | None = None) -> Decoder:
+    """The decoder for one graph of a bundle, by the graph's kind. ep: "cpu" or "qnn" [the graph's own]."""
     arch = bundle.manifest.architecture
+    ep = check_ep(ep or spec.execution_provider)
+    if spec.kind == "static":  # an NPU's fixed-shape variants (static_decoder.py)
+        return load_static_decoder(bundle, spec.role, context, threads, ep, ep_options)
+    if ep != "cpu":
+        raise ExecutionProviderError(f"graph {spec.file} has dynamic shapes (kind {spec.kind!r}) and runs on the CPU "
+                                     f"only; for --ep {ep} export with `edge-rt export ... --target-ep {ep}`")
     if spec.kind == "gqa":
         session = create_session(bundle.file(spec.file), threads)
         return Decoder(session, arch, spec.num_layers or arch.num_layers, context, kv_dtype=np.dtype(spec.kv_dtype))
@@ -79,13 +88,35 @@ def check_draft_compatible(engine: Engine, draft: Bundle) -> None:
     from .tokenizer import load_tokenizer as load
     dm, tm = draft.manifest, engine.manifest
     draft_vocab = load(draft.file(dm.tokenizer)).get_vocab()
-    if draft_vocab != engine.tokenizer.get_vocab() or dm.architecture.vocab_size != tm.architecture.vocab_size:
+    same_rows = dm.vocab_map is not None or dm.architecture.vocab_size == tm.architecture.vocab_size
+    if draft_vocab != engine.tokenizer.get_vocab() or not same_rows:
         raise BundleError(f"draft {draft.path} does not share the target's vocabulary ({len(draft_vocab)} vs "
                           f"{engine.tokenizer.get_vocab_size()} tokens or different ids); pick a draft from the "
                           "same model family")
     if set(dm.tokens.eos) != set(tm.tokens.eos):
         raise BundleError(f"draft {draft.path} has end-of-sequence tokens {list(dm.tokens.eos)}, the target "
                           f"{list(tm.tokens.eos)}; pick a draft from the same model family")
+
+
+def load_vocab_map(draft: Bundle, target_vocab: int) -> np.ndarray | None:
+    """A reduced-vocabulary draft's row -> target id map, checked; None for a draft with the target's rows."""
+    m = draft.manifest
+    if m.vocab_map is None:
+        return None
+    if m.vocab_map not in m.files:
+        raise BundleError(f"draft {draft.path} names {m.vocab_map} but lists no sha256 for it; rebuild the draft")
+    try:
+        vmap = np.load(draft.file(m.vocab_map), allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{draft.file(m.vocab_map)} is not a readable .npy file ({e}); rebuild the draft") from None
+    rows = m.architecture.vocab_size  # the map's rows, then a row for every other target id (unless none is left)
+    ok = (vmap.ndim == 1 and vmap.dtype.kind in "iu" and 0 < len(vmap) and
+          (len(vmap) < rows or len(vmap) == rows == target_vocab) and 0 <= vmap.min() and vmap.max() < target_vocab
+          and np.unique(vmap).size == len(vmap))
+    if not ok:
+        raise BundleError(f"{draft.file(m.vocab_map)} is not a map of distinct target ids below {target_vocab} with "
+                          f"fewer entries than the draft's {rows} rows; rebuild the draft for this target")
+    return vmap.astype(np.int64)
 
 
 class Engine:
@@ -97,7 +128,8 @@ class Engine:
 
     def __init__(self, bundle: Bundle, context: int | None = None, threads: int | None = None,
                  draft: str | None = None, draft_min: int = 1, draft_max: int = 4, adaptive: bool = True,
-                 memory_budget: int | None = None):
+                 memory_budget: int | None = None, ep: str | None = None, ep_options: dict[str, str] | None = None):
+        """ep: where the target runs, "cpu" or "qnn" [the graph's own]; ep_options: provider options (QNN)."""
         m = bundle.manifest
         self.bundle = bundle
         self.manifest = m
@@ -107,6 +139,9 @@ class Engine:
             raise InvalidArgumentError(
                 f"context {context} is out of range; this model takes 1..{m.architecture.max_position_embeddings}")
         self.memory_plan = check_memory(bundle, context, memory_budget, draft, draft_max)  # before any allocation
+        if m.vocab_map is not None:
+            raise BundleError(f"{bundle.path} is a draft with a reduced vocabulary; use it as --draft of "
+                              f"{m.source.get('draft_of') or 'its target model'}")
         self.tokenizer = load_tokenizer(bundle.file(m.tokenizer))
         if self.tokenizer.get_vocab_size() > m.architecture.vocab_size:
             raise BundleError(f"tokenizer has {self.tokenizer.get_vocab_size()} tokens but the model only "
@@ -114,7 +149,7 @@ class Engine:
         self.template = ChatTemplate(m.chat_template or CHATML, bos_token=self._token_text(m.tokens.bos),
                                      eos_token=self._token_text(m.tokens.eos[0] if m.tokens.eos else None))
         self.eos = frozenset(m.tokens.eos)
-        self.decoder = make_decoder(bundle, spec, context, threads)
+        self.decoder = make_decoder(bundle, spec, context, threads, ep, ep_options)
         self.target = CachedDecoder(self.decoder)
         self._threads = threads
         self.set_draft(draft, draft_min, draft_max, adaptive)
@@ -143,8 +178,9 @@ class Engine:
             bundle = Bundle.load(resolve_bundle(draft))
             check_draft_compatible(self, bundle)
             spec = bundle.manifest.graph("target")
+        vocab_map = load_vocab_map(bundle, m.architecture.vocab_size) if bundle is not self.bundle else None
         decoder = make_decoder(bundle, spec, capacity, threads)
-        return ModelDrafter(CachedDecoder(decoder), draft, draft_max, decoder.arch.vocab_size)
+        return ModelDrafter(CachedDecoder(decoder), draft, draft_max, m.architecture.vocab_size, vocab_map=vocab_map)
 
     @classmethod
     def load(cls, model: str | Path, context: int | None = None, threads: int | None = None, **options) -> Engine:

@@ -34,3 +34,15 @@ class MemoryBudgetError(EdgeRuntimeError):
 
 class ExportError(EdgeRuntimeError):
     """A source model cannot be fetched, exported or verified."""
+
+
+class QuantizationError(EdgeRuntimeError):
+    """A bundle cannot be quantized: already quantized, unknown recipe, bad calibration text, size budget too small."""
+
+
+class ExecutionProviderError(EdgeRuntimeError):
+    """An execution provider (QNN) is not installed, cannot be registered, or cannot run a bundle's graph."""
+
+
+class DraftTrainingError(EdgeRuntimeError):
+    """A draft cannot be trained: bad prompt file, output folder exists, nothing to resume, unsupported target."""

@@ -56,12 +56,16 @@ class GraphSpec:
     role: str  # "target" or "draft"
     file: str  # the .onnx file, relative to the bundle
     kind: str = "gqa"  # "gqa": dynamic shapes, KV shared in place through GroupQueryAttention
+    #                    "static": fixed shapes for an NPU, one graph per variant (static_shapes tokens 1, k, N)
     precision: str = "fp32"
     execution_provider: str = "cpu"
     kv_dtype: str = "float32"
     num_layers: int | None = None  # a self-draft may have fewer layers than the architecture
     data_files: tuple[str, ...] = ()
-    static_shapes: dict[str, int] | None = None
+    static_shapes: dict[str, int] | None = None  # kind "static": {"context": C, "tokens": n, "logits": L}
+    # a compiled form of this graph (`edge-rt compile`): {"ep": "qnn", "file": the EPContext .onnx,
+    # "binaries": [context binaries], "provider_options": {...}}; every file is listed with its sha256 in `files`
+    ep_context: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GraphSpec:
@@ -92,6 +96,9 @@ class Manifest:
     files: dict[str, str]  # every file of the bundle but the manifest -> sha256
     defaults: Defaults = field(default_factory=Defaults)
     source: dict[str, Any] = field(default_factory=dict)  # where it came from, how it was verified
+    # a draft with a reduced vocabulary (`edge-rt train-draft`): .npy int64 [n], the target id of logit rows 0..n-1;
+    # input id n stands for every other target id, and rows from n on are never proposed
+    vocab_map: str | None = None
 
     def graph(self, role: str) -> GraphSpec | None:
         return next((g for g in self.graphs if g.role == role), None)
@@ -116,6 +123,7 @@ class Manifest:
                 files=dict(data["files"]),
                 defaults=_from_dict(Defaults, data.get("defaults", {})),
                 source=dict(data.get("source", {})),
+                vocab_map=data.get("vocab_map"),
             )
         except (KeyError, TypeError) as e:
             raise BundleError(f"manifest is malformed ({e!r} missing or of the wrong type); re-export the bundle") from None

@@ -70,9 +70,15 @@ class _Graph:
         return y
 
 
-def build_decoder(arch: Architecture, weights: ModelWeights) -> onnx.ModelProto:
+KV_DTYPES = {"float32": (TensorProto.FLOAT, np.float32), "float16": (TensorProto.FLOAT16, np.float16)}
+
+
+def build_decoder(arch: Architecture, weights: ModelWeights, kv_dtype: str = "float32") -> onnx.ModelProto:
+    """kv_dtype float16: GroupQueryAttention runs in float16 (Cast of the fused QKV in, of its output back out),
+    so the cache it writes in place is float16 and half the bytes; everything else stays float32."""
     g = _Graph()
     f32 = TensorProto.FLOAT
+    kv_type, kv_np = KV_DTYPES[kv_dtype]
     nh, kvh, hd, eps = arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.rms_norm_eps
     n_layers = len(weights.layers)
 
@@ -85,13 +91,13 @@ def build_decoder(arch: Architecture, weights: ModelWeights) -> onnx.ModelProto:
     outputs = [helper.make_tensor_value_info("logits", f32, [1, "keep", arch.vocab_size])]
     for i in range(n_layers):
         for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_{kind}.{i}", f32, [1, kvh, "capacity", hd]))
-            outputs.append(helper.make_tensor_value_info(f"present_{kind}.{i}", f32, [1, kvh, "capacity", hd]))
+            inputs.append(helper.make_tensor_value_info(f"past_{kind}.{i}", kv_type, [1, kvh, "capacity", hd]))
+            outputs.append(helper.make_tensor_value_info(f"present_{kind}.{i}", kv_type, [1, kvh, "capacity", hd]))
 
     embed = g.init("model.embed_tokens.weight", weights.embed)
     (x,) = g.node("Gather", [embed, "input_ids"], "/model/embed_tokens/Gather")
-    cos = g.init("cos_cache", weights.cos.astype(np.float32))
-    sin = g.init("sin_cache", weights.sin.astype(np.float32))
+    cos = g.init("cos_cache", weights.cos.astype(kv_np))  # GroupQueryAttention takes them in its own type
+    sin = g.init("sin_cache", weights.sin.astype(kv_np))
 
     residual = None  # residual stream; None before the first layer's norm
     for i, lw in enumerate(weights.layers):
@@ -105,6 +111,8 @@ def build_decoder(arch: Architecture, weights: ModelWeights) -> onnx.ModelProto:
                                        [x, residual, g.init(f"model.layers.{i}.input_layernorm.weight", lw.input_norm)],
                                        f"{p}/input_layernorm/SkipLayerNorm", n_out=4, domain="com.microsoft", epsilon=eps)
         qkv = g.matmul(h, lw.qkv, f"model.layers.{i}.attn.qkv_proj", lw.qkv_bias)
+        if kv_type != f32:
+            (qkv,) = g.node("Cast", [qkv], f"{p}/attn/qkv/Cast", to=kv_type)
         attn, _, _ = g.node(
             "GroupQueryAttention",
             [qkv, "", "", f"past_key.{i}", f"past_value.{i}", "seqlens_k", "total_sequence_length", cos, sin],
@@ -113,6 +121,8 @@ def build_decoder(arch: Architecture, weights: ModelWeights) -> onnx.ModelProto:
             local_window_size=int(weights.sliding_window or -1),
         )
         g.nodes[-1].output[1:] = [f"present_key.{i}", f"present_value.{i}"]
+        if kv_type != f32:
+            (attn,) = g.node("Cast", [attn], f"{p}/attn/output/Cast", to=f32)
         o = g.matmul(attn, lw.o, f"model.layers.{i}.attn.o_proj", lw.o_bias)
         h, _, _, residual = g.node("SkipSimplifiedLayerNormalization",
                                    [o, residual, g.init(f"model.layers.{i}.post_attention_layernorm.weight", lw.post_norm)],

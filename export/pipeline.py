@@ -5,6 +5,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from edge_runtime.bundle import Bundle, sha256_file
@@ -12,8 +13,10 @@ from edge_runtime.cards import Card, get_card, looks_like_path
 from edge_runtime.errors import ExportError
 from edge_runtime.manifest import FORMAT_VERSION, Defaults, GraphSpec, Manifest, TokenIds
 
-from .builder import build_decoder, save_model
+from .self_draft import build_self_draft, parse_self_draft
+from .builder import KV_DTYPES, build_decoder, save_model
 from .source import architecture_of, load_source, weights_of
+from .static_export import TARGET_EPS, static_architecture, static_tokens, write_static_graphs
 from .tokenizer import save_tokenizer
 from .verify import verify_bundle
 
@@ -56,16 +59,35 @@ def resolve_source(source: str) -> tuple[Path, Card | None]:
     return fetch(card), card
 
 
-def export_bundle(source: str, out: Path, force: bool = False, progress: Progress | None = None) -> Bundle:
+def export_bundle(source: str, out: Path, force: bool = False, progress: Progress | None = None,
+                  kv_dtype: str = "float32", target_ep: str = "cpu", context: int | None = None,
+                  draft: str | None = None) -> Bundle:
+    """kv_dtype: the KV cache's element type, float32 or float16 (half the cache bytes; see builder.py).
+    target_ep "qnn": static-shape graphs for the NPU (static_export.py) for a context of `context` tokens.
+    draft "self[:RECIPE][:LAYERS]": add a self-draft graph (self_draft.py); a card's default draft is built too."""
     say = progress or (lambda _msg: None)
     out = Path(out)
+    if kv_dtype not in KV_DTYPES:
+        raise ExportError(f"KV cache dtype {kv_dtype!r} is not supported; pick one of {', '.join(KV_DTYPES)}")
+    if target_ep not in TARGET_EPS:
+        raise ExportError(f"target execution provider {target_ep!r} is not supported; pick one of "
+                          f"{', '.join(TARGET_EPS)}")
+    if target_ep != "cpu" and kv_dtype != "float32":
+        raise ExportError(f"--target-ep {target_ep} graphs keep a float32 KV cache; drop the KV dtype option")
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force to replace it or choose another -o")
     path, card = resolve_source(source)
+    if draft is None and card is not None and str(card.defaults.get("draft", "")).startswith("self"):
+        draft = card.defaults["draft"]
+    if draft is not None and (not draft.startswith("self") or target_ep != "cpu"):
+        raise ExportError(f"--draft {draft!r}: export builds only self-drafts (self[:RECIPE][:LAYERS]) for CPU "
+                          "bundles; a separate draft is a bundle of its own, passed to generate/chat with --draft")
     t0 = time.perf_counter()
     say("load source")
     src = load_source(path)
     arch = architecture_of(src.model, MAX_ROTARY_POSITIONS)
+    if target_ep != "cpu":
+        arch = static_architecture(arch, context or _defaults(card, arch.max_position_embeddings).context)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -73,23 +95,41 @@ def export_bundle(source: str, out: Path, force: bool = False, progress: Progres
     tmp.mkdir()
     try:
         say("build graph")
-        graph = build_decoder(arch, weights_of(src.model, arch))
-        say("write graph")
-        save_model(graph, tmp / GRAPH, GRAPH_DATA)
-        del graph
+        if target_ep == "cpu":
+            weights = weights_of(src.model, arch)
+            graph = build_decoder(arch, weights, kv_dtype=kv_dtype)
+            say("write graph")
+            save_model(graph, tmp / GRAPH, GRAPH_DATA)
+            del graph
+            graphs = (GraphSpec(role="target", file=GRAPH, data_files=(GRAPH_DATA,), kind="gqa", precision="fp32",
+                                kv_dtype=kv_dtype),)
+            graph_files = [GRAPH, GRAPH_DATA]
+        else:  # static variants for an NPU, sharing one weights file
+            say("write graph")
+            graphs, graph_files = write_static_graphs(arch, weights_of(src.model, arch), tmp,
+                                                      arch.max_position_embeddings, static_tokens(), target_ep)
         say("write tokenizer")
         tok_file, tok_config = save_tokenizer(src.tokenizer, tmp)
-        files = {name: sha256_file(tmp / name) for name in (GRAPH, GRAPH_DATA, tok_file, tok_config)}
+        if draft is not None:
+            say("build draft")
+            calibration = src.tokenizer.encode(VERIFY_TEXT * 8, add_special_tokens=False)
+            draft_graph, draft_files = build_self_draft(parse_self_draft(draft, arch.num_layers), arch, weights, tmp,
+                                                        kv_dtype, calibration)
+            graphs, graph_files = (*graphs, draft_graph), [*graph_files, *draft_files]
+        files = {name: sha256_file(tmp / name) for name in (*graph_files, tok_file, tok_config)}
+        defaults = _defaults(card, arch.max_position_embeddings)
+        if target_ep != "cpu":  # the static graphs' context is the default
+            defaults = replace(defaults, context=arch.max_position_embeddings)
         manifest = Manifest(
             format_version=FORMAT_VERSION,
             name=card.name if card else path.stem,
             architecture=arch,
             tokens=_token_ids(src.model, src.tokenizer),
-            graphs=(GraphSpec(role="target", file=GRAPH, data_files=(GRAPH_DATA,), kind="gqa", precision="fp32"),),
+            graphs=graphs,
             tokenizer=tok_file,
             chat_template=getattr(src.tokenizer, "chat_template", None),
             files=files,
-            defaults=_defaults(card, arch.max_position_embeddings),
+            defaults=defaults,
             source={"path": str(path), "card": card.name if card else None, "license": card.license if card else None},
         )
         manifest.write(tmp)

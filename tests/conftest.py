@@ -30,3 +30,14 @@ def tiny_draft_bundle(tmp_path_factory):
     from export.pipeline import export_bundle
     src = save_tiny(tmp_path_factory.mktemp("tiny-draft") / "tiny-draft", seed=1, layers=1)
     return export_bundle(str(src), tmp_path_factory.mktemp("bundles") / "tiny-draft").path
+
+
+STATIC_CONTEXT = 64
+
+
+@pytest.fixture(scope="session")
+def static_bundle(tiny_hf, tmp_path_factory):
+    """The tiny model exported for QNN: float AR-1 / AR-5 / AR-64 graphs over a 64-slot cache, one weights file."""
+    from export.pipeline import export_bundle
+    return export_bundle(str(tiny_hf), tmp_path_factory.mktemp("static") / "tiny-static", target_ep="qnn",
+                         context=STATIC_CONTEXT).path

@@ -59,3 +59,18 @@ def test_chat_keeps_the_conversation(home):
     assert "Paris" in answers[0]
     # the second question never names the city: naming it shows the first turn stayed in context
     assert "Paris" in answers[1]
+
+
+def test_speculative_greedy_output_equals_target_only(home):
+    if not (home / "bundles" / "smollm2-135m").exists():
+        pytest.skip("needs the bundle built by the first test")
+    from edge_runtime import Engine
+    from edge_runtime.bench import PROMPTS
+    base = Engine.load(home / "bundles" / "smollm2-135m")
+    spec = Engine.load(home / "bundles" / "smollm2-135m", draft="ngram", draft_max=6)
+    drafted = 0
+    for name in ("summarize", "code"):
+        ids = base.chat_ids([{"role": "user", "content": PROMPTS[name]}])
+        assert list(spec.generate_step(ids, max_tokens=128)) == list(base.generate_step(ids, max_tokens=128))
+        drafted += spec.last_stats.drafted_tokens
+    assert drafted > 0

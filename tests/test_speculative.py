@@ -50,11 +50,30 @@ def _prompt_ids(engine, prompt):
     return engine.encode(prompt)
 
 
-@pytest.mark.parametrize("draft", ["ngram", "target", "separate"])
-def test_greedy_output_equals_target_only(tiny_bundle, tiny_draft_bundle, draft):
+@pytest.fixture(scope="module")
+def tiny_self_bundle(tiny_hf, tmp_path_factory):
+    """The tiny target with a self-draft: its first layer only, INT4 (cpu-int4)."""
+    from export.pipeline import export_bundle
+    return export_bundle(str(tiny_hf), tmp_path_factory.mktemp("self") / "b", draft="self:cpu-int4:1").path
+
+
+def test_self_draft_graph_is_in_the_bundle(tiny_self_bundle):
+    m = Bundle.load(tiny_self_bundle).manifest
+    draft = m.graph("draft")
+    assert (draft.precision, draft.num_layers) == ("cpu-int4", 1)
+    import onnx
+    ops = {n.op_type for n in onnx.load(str(tiny_self_bundle / draft.file), load_external_data=False).graph.node}
+    assert "MatMulNBits" in ops
+
+
+@pytest.mark.parametrize("draft", ["ngram", "target", "separate", "self"])
+def test_greedy_output_equals_target_only(tiny_bundle, tiny_draft_bundle, tiny_self_bundle, draft):
     base = _engine(tiny_bundle)
-    spec = _engine(tiny_bundle, draft=str(tiny_draft_bundle) if draft == "separate" else draft, draft_max=5,
+    target = tiny_self_bundle if draft == "self" else tiny_bundle
+    spec = _engine(target, draft=str(tiny_draft_bundle) if draft == "separate" else draft, draft_max=5,
                    adaptive=False)
+    if draft != "ngram":
+        spec.drafter.threshold = 0.0  # the random tiny drafts are unsure of everything: draft anyway
     drafted = 0
     for prompt in PROMPTS:
         ids = _prompt_ids(base, prompt)

@@ -30,12 +30,12 @@ def make_tokenizer(vocab_size: int = 320):
                                    pad_token="<|endoftext|>", chat_template=CHATML)
 
 
-def make_model(vocab_size: int, model_type: str = "llama", seed: int = 0, layers: int = 2):
+def make_model(vocab_size: int, model_type: str = "llama", seed: int = 0, layers: int = 2, max_positions: int = 512):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     config = AutoConfig.for_model(
         model_type, vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=max_positions,
         rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, initializer_range=0.25,
         bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(seed)
@@ -43,9 +43,10 @@ def make_model(vocab_size: int, model_type: str = "llama", seed: int = 0, layers
     return model.eval()
 
 
-def save_tiny(folder: Path, model_type: str = "llama", seed: int = 0, layers: int = 2) -> Path:
+def save_tiny(folder: Path, model_type: str = "llama", seed: int = 0, layers: int = 2,
+              max_positions: int = 512) -> Path:
     tokenizer = make_tokenizer()
-    model = make_model(len(tokenizer), model_type, seed, layers)
+    model = make_model(len(tokenizer), model_type, seed, layers, max_positions)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

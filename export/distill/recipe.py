@@ -1,0 +1,112 @@
+"""What `edge-rt train-draft` builds (the recipe, rare settings through `--set KEY=VALUE`) and the prompts it uses."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_runtime.errors import DraftTrainingError
+
+DEFAULT_PROMPTS = Path(__file__).resolve().parent.parent / "data" / "draft_prompts.txt"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    # the draft: the target's first `layers` layers (or the listed ones, e.g. "0,29") + final norm, and an LM head
+    # over the `vocab` tokens the target uses most (ids outside it share one input row and are never proposed)
+    layers: str = "2"
+    vocab: int = 8192
+    # the self-distillation set: the target answers each prompt at `temperature` (held-out prompts greedily)
+    temperature: float = 0.7
+    max_tokens: int = 128
+    top_k: int = 32            # the target's most likely next tokens kept per position (the distillation target)
+    holdout: float = 0.06      # share of the prompts kept out of training, for the held-out acceptance
+    gen_share: float = 0.4     # most of --minutes spent generating the training answers
+    context: int = 1024        # the target's KV cache while answering; longer prompts are skipped
+    # training
+    batch: int = 8             # sequences per step
+    seq_len: int = 320         # tokens per sequence (the end of longer answers is cut)
+    lr: float = 5e-4
+    steps: int = 0             # 0: as many as the time left allows
+    eval_every: int = 25       # steps between held-out evaluations
+    seed: int = 0
+    threads: int = 2
+
+    def layer_ids(self, num_layers: int) -> tuple[int, ...]:
+        """The target layers the draft starts from."""
+        try:
+            parts = [int(p) for p in self.layers.split(",")]
+        except ValueError:
+            raise DraftTrainingError(f"layers={self.layers!r}: give a count (2) or target layer numbers (0,29)") from None
+        ids = tuple(range(parts[0])) if len(parts) == 1 else tuple(parts)
+        if not ids or any(not 0 <= i < num_layers for i in ids):
+            raise DraftTrainingError(f"layers={self.layers!r} does not fit a target of {num_layers} layers")
+        return ids
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Recipe:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def parse_settings(settings: list[str] | tuple[str, ...], base: Recipe = Recipe()) -> Recipe:
+    """["vocab=4096", "layers=1"] -> a Recipe; unknown keys and bad values are DraftTrainingError."""
+    fields = {f.name: f for f in dataclasses.fields(Recipe)}
+    values = {}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in fields:
+            raise DraftTrainingError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(fields)}")
+        kind = type(getattr(base, key))
+        try:
+            values[key] = kind(value.strip())
+        except ValueError:
+            raise DraftTrainingError(f"--set {item!r}: {key} takes a {kind.__name__}") from None
+    recipe = dataclasses.replace(base, **values)
+    checks = [(recipe.vocab >= 2, "vocab must be at least 2"), (recipe.temperature > 0, "temperature must be > 0"),
+              (recipe.max_tokens >= 1, "max_tokens must be at least 1"), (recipe.top_k >= 1, "top_k must be >= 1"),
+              (0 < recipe.holdout < 1, "holdout must be in (0, 1)"), (0 < recipe.gen_share < 1, "gen_share in (0, 1)"),
+              (recipe.batch >= 1 and recipe.seq_len >= 8, "batch >= 1 and seq_len >= 8"),
+              (recipe.lr > 0 and recipe.steps >= 0 and recipe.eval_every >= 1, "lr > 0, steps >= 0, eval_every >= 1"),
+              (recipe.threads >= 1 and recipe.context >= 16, "threads >= 1 and context >= 16")]
+    for ok, what in checks:
+        if not ok:
+            raise DraftTrainingError(f"bad --set value: {what}")
+    return recipe
+
+
+def load_prompts(path: str | Path | None = None) -> list[str]:
+    """One prompt per line of a UTF-8 text file; blank lines and lines starting with `#` are skipped, a literal
+    `\\n` is a line break. At least two prompts (one is held out)."""
+    path = Path(path) if path is not None else DEFAULT_PROMPTS
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DraftTrainingError(f"cannot read the prompt file {path} ({e.strerror or e}); give a text file with "
+                                 "one prompt per line") from None
+    if b"\0" in raw:
+        raise DraftTrainingError(f"{path} is not a text file (it holds NUL bytes); give a UTF-8 text file with one "
+                                 "prompt per line")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DraftTrainingError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); give a UTF-8 text file "
+                                 "with one prompt per line") from None
+    prompts = [line.strip().replace("\\n", "\n") for line in text.splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if len(prompts) < 2:
+        raise DraftTrainingError(f"{path} holds {len(prompts)} prompt(s); give at least 2, one per line "
+                                 "(some are held out to measure acceptance)")
+    return prompts
+
+
+def write_json(path: Path, data) -> None:
+    """Atomic: a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,255 @@
+"""`edge-rt train-draft` on a tiny target: the loss falls and held-out acceptance rises, the exported reduced-vocabulary
+draft keeps greedy output identical (and sampling exact), resume continues, bad inputs give one-line errors.
+
+A random tiny model has nothing a draft could learn that carries over to unseen prompts (its greedy acceptance
+stays at chance, ~5%), so the target here is the tiny Llama taught the tiny corpus for a few seconds first.
+"""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from edge_runtime import Engine, SamplingParams
+from edge_runtime.bundle import Bundle, sha256_file
+from edge_runtime.cli import cli
+from edge_runtime.errors import BundleError, DraftTrainingError
+from export.distill import Recipe, parse_settings, train_draft, work_dir
+from test_speculative import _exact_pairs, chi2_critical, chi_square
+from tiny import CORPUS, make_model, make_tokenizer
+
+# a draft of the target's first layer, with a 128-row head over the target's 320 tokens (exercises the id map)
+RECIPE = ["layers=1", "vocab=128", "max_tokens=32", "steps=200", "lr=1e-3", "eval_every=50", "threads=1"]
+
+
+def _teach(model, tokenizer, steps: int = 40) -> None:
+    """Fit the model to continue each corpus sentence from any cut, in the chat template (a few seconds)."""
+    pairs = []
+    for text in CORPUS:
+        words = text.split(" ")
+        for cut in range(1, len(words)):
+            prompt = tokenizer.apply_chat_template([{"role": "user", "content": " ".join(words[:cut])}],
+                                                   tokenize=False, add_generation_prompt=True)
+            pairs.append((tokenizer.encode(prompt, add_special_tokens=False),
+                          tokenizer.encode(" ".join(words[cut:]) + "<|im_end|>", add_special_tokens=False)))
+    torch.manual_seed(0)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        batch = [pairs[i] for i in torch.randint(len(pairs), (16,)).tolist()]
+        width = max(len(p) + len(a) for p, a in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100)
+        for b, (p, a) in enumerate(batch):
+            ids[b, :len(p) + len(a)] = torch.tensor(p + a)
+            labels[b, len(p):len(p) + len(a)] = torch.tensor(a)
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+@pytest.fixture(scope="module")
+def taught_bundle(tmp_path_factory):
+    from export.pipeline import export_bundle
+    torch.set_num_threads(1)
+    tokenizer = make_tokenizer()
+    model = make_model(len(tokenizer))
+    _teach(model, tokenizer)
+    folder = tmp_path_factory.mktemp("taught") / "hf"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return export_bundle(str(folder), folder.parent / "bundle").path
+
+
+def _prompts(n: int, seed: int = 0) -> list[str]:
+    """Beginnings of corpus sentences."""
+    r = random.Random(seed)
+    out = []
+    for _ in range(n):
+        words = r.choice(CORPUS).split(" ")
+        out.append(" ".join(words[:r.randint(1, len(words) - 1)]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("# corpus beginnings\n" + "\n".join(_prompts(40)) + "\n")
+    return path
+
+
+class Recorder:
+    """A Progress that keeps what it was told and can interrupt like Ctrl-C at a given step of a stage."""
+
+    def __init__(self, stop: tuple[str, int] | None = None):
+        self.stop, self.stages, self.updates, self.notes = stop, [], [], []
+        self.current = None
+
+    def stage(self, name, total, done=0):
+        self.current = name
+        self.stages.append((name, total, done))
+
+    def update(self, done, figures):
+        self.updates.append((self.current, done, figures))
+        if self.stop and self.stop == (self.current, done):
+            raise KeyboardInterrupt
+
+    def note(self, message):
+        self.notes.append(message)
+
+
+@pytest.fixture(scope="module")
+def trained(taught_bundle, prompt_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("drafts") / "draft"
+    progress = Recorder()
+    result = train_draft(taught_bundle, out, prompt_file, minutes=10, recipe=parse_settings(RECIPE),
+                         progress=progress)
+    return result, progress
+
+
+def test_training_lowers_the_loss_and_raises_heldout_acceptance(trained):
+    result, progress = trained
+    history = [f for stage, _, f in progress.updates if stage == "train draft" and "acceptance" in f]
+    assert result.steps == 200 and len(history) == 5  # step 0 and every 50 steps
+    first, last = history[0], history[-1]
+    assert last["heldout_kl"] < 0.7 * first["heldout_kl"], (first, last)
+    assert last["acceptance"] > first["acceptance"] + 0.15, (first, last)
+    losses = [f["loss"] for stage, _, f in progress.updates if stage == "train draft" and f.get("loss")]
+    assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:5])
+    assert result.final["acceptance"] == last["acceptance"]
+    assert any("held-out greedy acceptance" in n for n in progress.notes)
+
+
+def test_the_draft_bundle_has_a_reduced_vocabulary_mapped_to_target_ids(trained, taught_bundle):
+    result, _ = trained
+    m = result.bundle.manifest
+    vmap = np.load(result.bundle.file(m.vocab_map))
+    assert m.architecture.vocab_size == 129 and len(vmap) == 128 == len(np.unique(vmap))  # + the shared row
+    assert vmap.max() < Bundle.load(taught_bundle).manifest.architecture.vocab_size
+    assert 2 in vmap  # the end-of-sequence token is always proposable
+    assert m.architecture.num_layers == 1 and m.source["steps"] == 200
+    with pytest.raises(BundleError, match="reduced vocabulary"):
+        Engine(result.bundle)  # a draft is not a model to chat with
+
+
+def test_exported_draft_keeps_greedy_output_identical(trained, taught_bundle):
+    result, _ = trained
+    base = Engine(Bundle.load(taught_bundle))
+    spec = Engine(Bundle.load(taught_bundle), draft=str(result.bundle.path), draft_max=4, adaptive=False)
+    base.eos = spec.eos = frozenset()  # run all the tokens: past the answer the model wanders, drafts get rejected
+    accepted = drafted = 0
+    for prompt in [*_prompts(6, seed=1), "Hello! How", "def add(a, b):", "ünïcödé 🙂 text"]:
+        ids = base.chat_ids([{"role": "user", "content": prompt}])
+        expected = list(base.generate_step(ids, max_tokens=64))
+        assert list(spec.generate_step(ids, max_tokens=64)) == expected, prompt
+        accepted += spec.last_stats.accepted_tokens
+        drafted += spec.last_stats.drafted_tokens
+    assert drafted > 0 and 0 < accepted < drafted  # the draft ran, was right often and wrong sometimes
+
+
+def test_sampling_with_the_reduced_vocabulary_draft_follows_the_target(trained, taught_bundle):
+    """1,000 two-token continuations at temperature 1 against the exact target distribution (chi-square,
+    p = 0.001): q is zero outside the draft's rows and the rejection rule still returns the target's p."""
+    result, _ = trained
+    spec = Engine(Bundle.load(taught_bundle), draft=str(result.bundle.path), draft_min=1, draft_max=1,
+                  adaptive=False)
+    spec.drafter.threshold = 0.0
+    spec.eos = frozenset()
+    ids = spec.chat_ids([{"role": "user", "content": "The quick"}])
+    exact = _exact_pairs(spec, ids, SamplingParams(temperature=1.0))
+    vocab = int(np.sqrt(exact.size))
+    counts = np.zeros(exact.size)
+    accepted = 0
+    for i in range(1000):
+        x1, x2 = spec.generate_step(ids, SamplingParams(temperature=1.0, seed=i), max_tokens=2)
+        counts[x1 * vocab + x2] += 1
+        accepted += spec.last_stats.accepted_tokens
+    assert 0 < accepted < 1000
+    stat, dof = chi_square(counts, exact)
+    assert stat < chi2_critical(dof), f"chi-square {stat:.1f} with {dof} dof"
+
+
+def test_resume_continues_from_the_checkpoint(taught_bundle, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join([p for p in _prompts(20, seed=2) if "\n" not in p][:12]))
+    recipe = parse_settings(["layers=1", "vocab=128", "max_tokens=16", "steps=40", "eval_every=10", "threads=1"])
+    out = tmp_path / "draft"
+    # Ctrl-C while answering prompts, then while training
+    first = Recorder(stop=("answer prompts", 5))
+    with pytest.raises(KeyboardInterrupt):
+        train_draft(taught_bundle, out, prompts, minutes=10, recipe=recipe, progress=first)
+    second = Recorder(stop=("train draft", 25))
+    with pytest.raises(KeyboardInterrupt):
+        train_draft(taught_bundle, out, minutes=10, resume=True, progress=second)
+    assert ("answer prompts", 12, 5) in second.stages  # answering went on from prompt 5
+    ckpt = torch.load(work_dir(out) / "checkpoint.pt", weights_only=False)
+    assert ckpt["state"]["step"] == 25 and not out.exists()
+
+    third = Recorder()
+    result = train_draft(taught_bundle, out, minutes=10, resume=True, progress=third)
+    assert not any(stage == "answer prompts" for stage, _, _ in third.stages)  # the set was complete
+    steps = [done for stage, done, _ in third.updates if stage == "train draft"]
+    assert steps[0] == 26 and steps[-1] == 40 and result.steps == 40  # continued, not restarted
+    assert result.initial["step"] == 0  # the history came along with the checkpoint
+    assert any("resuming training at step 25" in n for n in third.notes)
+    assert Bundle.load(out).manifest.source["steps"] == 40
+
+
+def _one_line_error(args):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error:"), result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("content, word", [(b"", "holds 0 prompt"), (b"# only a comment\n\n", "holds 0 prompt"),
+                                           (b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR", "not a text file"),
+                                           (b"caf\xe9 au lait\nsecond\n", "not UTF-8")],
+                         ids=["empty", "comments-only", "binary", "latin-1"])
+def test_a_bad_prompt_file_is_a_one_line_error(taught_bundle, tmp_path, content, word):
+    bad = tmp_path / "prompts.txt"
+    bad.write_bytes(content)
+    line = _one_line_error(["train-draft", taught_bundle, "-o", tmp_path / "d", "--prompts", bad])
+    assert word in line
+    assert not (tmp_path / "d").exists() and not work_dir(tmp_path / "d").exists()  # nothing left behind
+
+
+def test_an_existing_output_and_other_misuse_are_one_line_errors(taught_bundle, tmp_path):
+    (tmp_path / "exists").mkdir()
+    assert "already exists" in _one_line_error(["train-draft", taught_bundle, "-o", tmp_path / "exists"])
+    assert "nothing to resume" in _one_line_error(["train-draft", taught_bundle, "-o", tmp_path / "d", "--resume"])
+    assert "KEY=VALUE" in _one_line_error(["train-draft", taught_bundle, "-o", tmp_path / "d", "--set", "nope=1"])
+    assert "does not fit" in _one_line_error(["train-draft", taught_bundle, "-o", tmp_path / "d", "--set",
+                                              "layers=0,7"])
+    assert "-o/--output" in _one_line_error(["train-draft", taught_bundle])
+    assert "--train-draft" in _one_line_error(["chat", taught_bundle, "--draft", "trained"])
+
+
+def test_a_tampered_vocabulary_map_is_refused(trained, taught_bundle, tmp_path):
+    import json
+    import shutil
+    result, _ = trained
+    copy = tmp_path / "draft"
+    shutil.copytree(result.bundle.path, copy)
+    vmap = np.load(copy / "vocab_map.npy")
+    vmap[1] = vmap[0]  # two rows for one target id
+    np.save(copy / "vocab_map.npy", vmap)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["vocab_map.npy"] = sha256_file(copy / "vocab_map.npy")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="distinct target ids"):
+        Engine(Bundle.load(taught_bundle), draft=str(copy))
+
+
+def test_recipe_settings_are_typed():
+    r = parse_settings(["vocab=4096", "layers=0,29", "temperature=0.5"])
+    assert (r.vocab, r.layer_ids(30), r.temperature) == (4096, (0, 29), 0.5)
+    assert Recipe().layer_ids(30) == (0, 1)
+    with pytest.raises(DraftTrainingError, match="takes a int"):
+        parse_settings(["vocab=lots"])
