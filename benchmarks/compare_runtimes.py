@@ -10,7 +10,7 @@ a fixed chat prompt (end-of-sequence ignored), KV cache of `--context` positions
 rows (a row whose runtime or model is missing is skipped, and the table says why):
 - fp32 edge-rt: the card's bundle (`edge-rt export smollm2-135m`).
 - fp32 onnxruntime-genai: `python -m onnxruntime_genai.models.builder -i <HF folder> -o OUT -p fp32 -e cpu`.
-- int4 edge-rt: `edge-rt quantize <bundle> --recipe cpu-int4 -o OUT`, when that command exists.
+- int4 edge-rt: `edge-rt quantize <bundle> --recipe cpu-int4 -o OUT`, when that command exists (or --ours-int4).
 - int4 onnxruntime-genai: the same builder with `-p int4` (MatMulNBits, block 32, accuracy level 4).
 - q4_1 llama.cpp: llama-cpp-python on the card's own GGUF (Q4_1), when installed.
 
@@ -105,7 +105,9 @@ def ensure_genai_model(precision: str, builder_python: str) -> tuple[Path | None
         return None, str(e)
 
 
-def ensure_ours_int4() -> tuple[Path | None, str]:
+def ensure_ours_int4(given: str | None = None) -> tuple[Path | None, str]:
+    if given:
+        return Path(given), "given with --ours-int4"
     out = ours_int4_dir()
     if (out / "manifest.json").is_file():
         return out, "built before"
@@ -151,7 +153,7 @@ def child_prepare(args) -> dict:
         if precision not in args.precision:
             continue
         if runtime == "edge-rt":
-            path, note = (bundle_dir(), "the card's bundle") if precision == "fp32" else ensure_ours_int4()
+            path, note = (bundle_dir(), "the card's bundle") if precision == "fp32" else ensure_ours_int4(args.ours_int4)
         elif runtime == "onnxruntime-genai":
             path, note = ensure_genai_model(precision, args.genai_builder_python)
         else:
@@ -256,6 +258,8 @@ def spawn(child: str, args, model: str | None = None, ids: list[int] | None = No
     cmd = [sys.executable, os.path.abspath(__file__), "--child", child, "--new-tokens", str(args.new_tokens),
            "--threads", str(args.threads), "--context", str(args.context), "--warmup", str(args.warmup),
            "--genai-builder-python", args.genai_builder_python, "--precision", *args.precision]
+    if args.ours_int4:
+        cmd += ["--ours-int4", args.ours_int4]
     if model is not None:
         cmd += ["--model", model, "--prompt-ids", ",".join(map(str, ids))]
     done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if child == "prepare" else subprocess.PIPE,
@@ -304,8 +308,9 @@ def report(args, prep: dict, results: dict[str, list[dict]]) -> dict:
     rows = {}
     for key, runs in results.items():
         precision = key.split("/")[0]
-        ours = results.get(f"{precision}/edge-rt") or results.get("fp32/edge-rt")
-        rows[key] = summarize(runs, ours[0]["tokens"] if ours else None)
+        ref = f"{precision}/edge-rt" if f"{precision}/edge-rt" in results else "fp32/edge-rt"
+        rows[key] = summarize(runs, results[ref][0]["tokens"] if ref in results else None)
+        rows[key]["tokens_compared_with"] = ref if ref in results else None
     ratios = {}
     for precision in ("fp32", "int4"):
         a, b = rows.get(f"{precision}/edge-rt"), rows.get(f"{precision}/onnxruntime-genai")
@@ -330,8 +335,9 @@ def print_table(rep: dict) -> None:
     print("-" * len(header))
     for key, s in rep["rows"].items():
         precision, runtime = key.split("/", 1)
-        same = "-" if runtime == "edge-rt" and precision == "fp32" else (
-            "n/a" if s["tokens_match_edge_rt"] is None else f"{s['tokens_match_edge_rt']} of {rep['new_tokens']} leading")
+        ref = s["tokens_compared_with"]
+        same = "-" if ref == key else ("n/a" if ref is None else
+                                        f"{s['tokens_match_edge_rt']} of {rep['new_tokens']} leading (vs {ref})")
         print(f"{precision if runtime != 'llama.cpp' else 'q4_1':<9} | {runtime:<17} | {s['decode_tps']:>12.1f} | "
               f"{s['prefill_ms']:>10.1f} | {s['peak_rss_mb']:>11.0f} | {s['load_s']:>6.2f} | {same}")
     for precision, r in rep["edge_rt_over_genai"].items():
@@ -355,6 +361,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed 8-token generations per child (default 1)")
     p.add_argument("--genai-builder-python", default=str(default_builder_python()),
                    help="python that runs onnxruntime-genai's model builder (needs transformers 5)")
+    p.add_argument("--ours-int4", default=None, help="an int4 edge-rt bundle to use instead of quantizing one")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--child", choices=["prepare", *CHILDREN], help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)

@@ -499,6 +499,78 @@ def train_draft_command(model, output, minutes, prompts, resume, settings):
     click.echo(str(output))
 
 
+def _quant_api():
+    try:
+        import quant.bundle  # noqa: F401  (onnx and onnxruntime.quantization: build-time only)
+        import quant.eval  # noqa: F401
+    except ImportError as e:
+        raise ExportError(f"quantizing needs the export extra ({e.name} is missing): "
+                          "pip install 'edge-runtime[export]'") from None
+    import quant
+    return quant
+
+
+@cli.command()
+@click.argument("bundle")
+@click.option("--recipe", required=True, help="cpu-int4, cpu-int8, auto (with --max-size), qnn-w8a16, qnn-w4a16.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Bundle folder to write.")
+@click.option("--draft-recipe", default=None, help="Recipe for the bundle's float draft graph [the same; "
+                                                   "cpu-int4 with auto].")
+@click.option("--calibration", type=click.Path(path_type=Path), default=None,
+              help="UTF-8 text to calibrate and evaluate on [a shipped corpus].")
+@click.option("--block-size", type=int, default=None, help="Weights per quantization block, a power of 2 [32].")
+@click.option("--accuracy-level", type=int, default=None,
+              help="MatMulNBits accuracy level: 4 computes with int8 activations (fastest), 0 in float [4].")
+@click.option("--max-size", default=None, metavar="SIZE", help="auto: the largest the bundle may be, e.g. 120MB.")
+@_fail_cleanly
+def quantize(bundle, recipe, output, draft_recipe, calibration, block_size, accuracy_level, max_size):
+    """Quantize BUNDLE (a float bundle folder or card name) with RECIPE into -o; print its quality and speed
+    against BUNDLE."""
+    from tqdm import tqdm
+    quant = _quant_api()
+    from quant.calibration import load_text
+    src = _bundle_path(bundle)
+    t0 = time.perf_counter()
+    with tqdm(desc=f"quantize {recipe}", bar_format="{desc}: {postfix} [{elapsed}]", file=sys.stderr,
+              disable=None) as bar:
+        try:
+            from quant.qnn import RECIPES as QNN_RECIPES
+            if recipe in QNN_RECIPES:
+                if draft_recipe or block_size or accuracy_level is not None or max_size:
+                    raise click.ClickException(f"{recipe} takes only --calibration")
+                from quant.qnn import quantize_static_bundle
+                quantize_static_bundle(src, output, recipe, calibration=calibration, progress=bar.set_postfix_str)
+                click.echo(str(output))
+                return
+            quant.bundle.quantize_bundle(src, output, recipe, draft_recipe=draft_recipe, calibration=calibration,
+                                         progress=bar.set_postfix_str, block_size=block_size,
+                                         accuracy_level=accuracy_level, max_size=max_size)
+        except BaseException:
+            bar.leave = False  # a failure ends with its one `Error:` line, not a stale status above it
+            raise
+    click.echo(f"bundle {output}: {recipe}, built in {time.perf_counter() - t0:.0f} s; "
+               "measuring it against the input", err=True)
+    report = quant.eval.evaluate(output, load_text(calibration), reference=src)
+    click.echo(report.table())
+
+
+@cli.command("eval")
+@click.argument("model", default=DEFAULT_MODEL)
+@click.option("--text", type=click.Path(path_type=Path), default=None,
+              help="UTF-8 text to score [the shipped calibration corpus].")
+@click.option("--reference", default=None, help="Bundle to compare with (the float original): top-1 agreement, KL.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@_fail_cleanly
+def eval_command(model, text, reference, as_json):
+    """Perplexity of MODEL on a text, size on disk, decode tokens/s; agreement and KL against --reference."""
+    import json
+    quant = _quant_api()
+    from quant.calibration import load_text
+    report = quant.eval.evaluate(_bundle_path(model), load_text(text, "text"),
+                                 reference=None if reference is None else _bundle_path(reference))
+    click.echo(json.dumps(report.to_dict(), indent=1) if as_json else report.table())
+
+
 def main():
     cli()
 

@@ -62,10 +62,9 @@ class ModelDrafter:
     AdaEDL early stop: before drafting a token, the entropy H of the draft distribution gives a lower bound
     on its acceptance probability, ~ 1 - sqrt(scale * H); drafting stops when it falls below `threshold`.
 
-    vocab_map: a draft with a reduced vocabulary (`edge-rt train-draft`): its logit row i is target id
-    vocab_map[i]; every target id outside the map enters the draft as id len(vocab_map), a row it never proposes
-    (logits past the map are ignored). q stays over the target's `vocab`, zero outside the map, so verification
-    is unchanged and exact.
+    vocab_map: a draft with a reduced output vocabulary (`edge-rt train-draft`): it reads target ids, and its
+    logit row i is target id vocab_map[i]. q stays over the target's `vocab`, zero outside the map, so
+    verification is unchanged and exact.
     """
 
     def __init__(self, model: CachedDecoder, name: str, gamma_max: int, vocab: int,
@@ -77,11 +76,7 @@ class ModelDrafter:
         self._q = np.zeros((gamma_max, vocab), np.float64)  # draft distributions of the proposed tokens
         self.q: np.ndarray | None = None
         self._synced = 0  # history[:_synced] is known to be in the draft's cache
-        self.vocab_map = vocab_map
-        if vocab_map is not None:
-            self._to_draft = np.full(vocab, len(vocab_map), np.int64)  # target id -> draft id
-            self._to_draft[vocab_map] = np.arange(len(vocab_map))
-            self._ids: list[int] = []  # history in draft ids; _ids[:_synced] mirrors history[:_synced]
+        self.vocab_map = vocab_map  # [rows] target id of each logit row, or None: rows are target ids
 
     def reset(self) -> None:
         self._synced = 0
@@ -99,16 +94,13 @@ class ModelDrafter:
                 process: Callable[[np.ndarray], np.ndarray] | None = None,
                 rng: np.random.Generator | None = None) -> list[int]:
         vmap = self.vocab_map
-        if vmap is not None:  # map only the tokens new since the last call
-            del self._ids[self._synced:]
-            self._ids.extend(self._to_draft[history[self._synced:]].tolist())
         # catch up on what the draft has not seen (the target's correction, the last accepted draft)
-        logits, _ = self.model.sync(history if vmap is None else self._ids, known=self._synced)
+        logits, _ = self.model.sync(history, known=self._synced)
         self._synced = len(history)
         drafts: list[int] = []
         self.q = None if greedy else self._q
         for i in range(k):
-            row = logits[-1] if vmap is None else logits[-1, :len(vmap)]
+            row = logits[-1]
             if not self._confident(row):
                 break
             if greedy:
@@ -121,7 +113,9 @@ class ModelDrafter:
                 token = draw(p, rng)
                 self._q[i] = 0.0
                 self._q[i, vmap] = p
-            drafts.append(token if vmap is None else int(vmap[token]))
+            if vmap is not None:
+                token = int(vmap[token])
+            drafts.append(token)
             if i + 1 < k:
                 logits = self.model.extend((token,))
         return drafts

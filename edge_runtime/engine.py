@@ -109,13 +109,12 @@ def load_vocab_map(draft: Bundle, target_vocab: int) -> np.ndarray | None:
         vmap = np.load(draft.file(m.vocab_map), allow_pickle=False)
     except (OSError, ValueError) as e:
         raise BundleError(f"{draft.file(m.vocab_map)} is not a readable .npy file ({e}); rebuild the draft") from None
-    rows = m.architecture.vocab_size  # the map's rows, then a row for every other target id (unless none is left)
-    ok = (vmap.ndim == 1 and vmap.dtype.kind in "iu" and 0 < len(vmap) and
-          (len(vmap) < rows or len(vmap) == rows == target_vocab) and 0 <= vmap.min() and vmap.max() < target_vocab
-          and np.unique(vmap).size == len(vmap))
+    rows = m.architecture.vocab_size  # the draft's logit rows
+    ok = (vmap.ndim == 1 and vmap.dtype.kind in "iu" and len(vmap) == rows and 0 <= vmap.min()
+          and vmap.max() < target_vocab and np.unique(vmap).size == rows)
     if not ok:
-        raise BundleError(f"{draft.file(m.vocab_map)} is not a map of distinct target ids below {target_vocab} with "
-                          f"fewer entries than the draft's {rows} rows; rebuild the draft for this target")
+        raise BundleError(f"{draft.file(m.vocab_map)} is not a map of {rows} distinct target ids below {target_vocab}; "
+                          "rebuild the draft for this target")
     return vmap.astype(np.int64)
 
 

@@ -96,8 +96,8 @@ class Manifest:
     files: dict[str, str]  # every file of the bundle but the manifest -> sha256
     defaults: Defaults = field(default_factory=Defaults)
     source: dict[str, Any] = field(default_factory=dict)  # where it came from, how it was verified
-    # a draft with a reduced vocabulary (`edge-rt train-draft`): .npy int64 [n], the target id of logit rows 0..n-1;
-    # input id n stands for every other target id, and rows from n on are never proposed
+    # a draft with a reduced output vocabulary (`edge-rt train-draft`): .npy int64 [vocab_size], the target id of each
+    # logit row; it reads target ids (its embedding covers the target's whole vocabulary)
     vocab_map: str | None = None
 
     def graph(self, role: str) -> GraphSpec | None:

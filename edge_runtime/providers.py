@@ -26,7 +26,10 @@ from .errors import ExecutionProviderError, InvalidArgumentError
 EPS = ("cpu", "qnn")
 QNN_EP = "QNNExecutionProvider"
 # our defaults; any of them can be overridden with --ep-option KEY=VALUE
-QNN_DEFAULTS = {"offload_graph_io_quantization": "0"}
+# Float operators (the quantized graphs keep norms, adds, rotary and the attention core float) run in float16 on
+# HTP; ONNX Runtime asks for the SoC with it. 60 is the Snapdragon X Elite laptop chip (SC8380XP, HTP v73); pass
+# --ep-option soc_model=... (or `compile --soc`) for another (57: 8 Gen 3, 69: 8 Elite).
+QNN_DEFAULTS = {"offload_graph_io_quantization": "0", "enable_htp_fp16_precision": "1", "soc_model": "60"}
 # ahead-of-time compilation can afford the slowest, best HTP graph optimization
 QNN_COMPILE_DEFAULTS = {"htp_graph_finalization_optimization_mode": "3"}
 

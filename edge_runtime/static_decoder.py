@@ -78,6 +78,7 @@ class StaticDecoder:
         self.kv.capacity = capacity
         self._variants = [self._make_variant(n, session, logits) for n, (session, logits) in sorted(sessions.items())]
         self.max_chunk = self._variants[-1].tokens
+        self._offsets = np.arange(self.max_chunk, dtype=np.int32)  # 0..N-1: positions are pos + these
         self.max_logits = max(v.logits for v in self._variants)
         self.variant_calls = {v.tokens: 0 for v in self._variants}  # how often each variant ran (for stats)
 
@@ -135,7 +136,7 @@ class StaticDecoder:
         v.ids[0, :pad] = 0
         v.ids[0, pad:] = ids
         v.positions[0, :pad] = 0
-        v.positions[0, pad:] = np.arange(pos, pos + r, dtype=np.int32)
+        np.add(self._offsets[:r], pos, out=v.positions[0, pad:])
         # the mask changes only between the old and the new write pointer
         if pos > v.mask_pos:
             v.mask[0, v.mask_pos:pos] = 1.0

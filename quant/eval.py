@@ -16,6 +16,7 @@ from edge_runtime.bundle import Bundle
 from edge_runtime.engine import Engine
 from edge_runtime.errors import InvalidArgumentError
 from edge_runtime.manifest import MANIFEST
+from edge_runtime.memory import format_size
 from edge_runtime.sampling import SamplingParams
 
 DECODE_STEPS = 32
@@ -39,6 +40,8 @@ class EvalReport:
     reference: BundleEval | None = None
     top1_agreement: float | None = None  # fraction of positions whose argmax equals the reference's
     mean_kl: float | None = None         # mean over positions of KL(reference || model), in nats
+    decode_steps: int = DECODE_STEPS     # how decode_tps was timed
+    decode_rounds: int = DECODE_ROUNDS
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -58,15 +61,14 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def compare(engines: list[Engine], ids: list[int]) -> tuple[list[float], float, int, int]:
-    """Run each engine's decoder over the same tokens, window by window (a window fills the KV cache), in chunks
-    whose logits are all kept. engines[0] is the model, engines[1] (optional) the reference.
+    """Run each engine over the same tokens, window by window (a window fills the KV cache), in chunks whose
+    logits are all kept. engines[0] is the model, engines[1] (optional) the reference.
 
     Returns ([NLL sum per engine], sum of KL(reference || model), positions whose argmax agrees, positions scored).
     """
-    decoders = [e.decoder for e in engines]
-    window = min(d.kv.capacity for d in decoders)
-    chunk_size = min(d.max_logits for d in decoders)
-    nll = [0.0] * len(decoders)
+    window = min(e.context for e in engines)
+    chunk_size = min(getattr(e.decoder, "max_logits", 1) for e in engines)
+    nll = [0.0] * len(engines)
     kl_sum, agree, positions = 0.0, 0, 0
     for e in engines:
         e.reset()
@@ -79,8 +81,8 @@ def compare(engines: list[Engine], ids: list[int]) -> tuple[list[float], float, 
             targets = np.asarray(win[c + 1:c + 1 + len(chunk)])
             n = len(targets)  # the window's last token has no target
             logps = []
-            for i, dec in enumerate(decoders):
-                logp = _log_softmax(dec.forward(chunk, keep=len(chunk))[:n])
+            for i, e in enumerate(engines):
+                logp = _log_softmax(e.target.extend(chunk, keep=len(chunk))[:n])
                 nll[i] -= float(logp[np.arange(n), targets].sum())
                 logps.append(logp)
             if len(logps) == 2:
@@ -95,76 +97,100 @@ def compare(engines: list[Engine], ids: list[int]) -> tuple[list[float], float, 
 
 def decode_speed(engines: list[Engine], prompt: list[int], steps: int = DECODE_STEPS,
                  rounds: int = DECODE_ROUNDS) -> list[float]:
-    """Greedy decode tokens/s of each engine, timed in interleaved rounds (so background load hits all alike)."""
+    """Greedy decode tokens/s of each engine, timed in interleaved rounds (so background load hits all alike)
+    after one untimed warm-up run each; the best round counts."""
     best = [0.0] * len(engines)
-    for _ in range(rounds):
+    for r in range(rounds + 1):
         for i, engine in enumerate(engines):
             engine.reset()
             eos, engine.eos = engine.eos, frozenset()  # time exactly `steps` tokens
             try:
-                for _token in engine.generate_step(prompt, SamplingParams(), max_tokens=steps + 1):
+                for _token in engine.generate_step(prompt, SamplingParams(), max_tokens=steps + 1 if r else 2):
                     pass
             finally:
                 engine.eos = eos
-            best[i] = max(best[i], engine.last_stats.decode_tps)
+            if r:
+                best[i] = max(best[i], engine.last_stats.decode_tps)
+    for engine in engines:
+        engine.reset()
     return best
 
 
 def evaluate(model: str | Path, text: str, reference: str | Path | None = None, *, threads: int | None = None,
              decode_steps: int = DECODE_STEPS) -> EvalReport:
     """Perplexity of `model` on `text`; with a reference bundle also top-1 agreement and KL against it."""
-    bundle = Bundle.load(model)
+    return evaluate_many([model], text, reference, threads=threads, decode_steps=decode_steps)[0]
+
+
+def evaluate_many(models: list[str | Path], text: str, reference: str | Path | None = None, *,
+                  threads: int | None = None, decode_steps: int = DECODE_STEPS,
+                  rounds: int = DECODE_ROUNDS) -> list[EvalReport]:
+    """evaluate() for several bundles against one reference, all loaded at once, so that decode speed is timed
+    side by side (interleaved rounds over the reference and every model) in one process."""
+    bundles = [Bundle.load(m) for m in models]
     ref = Bundle.load(reference) if reference is not None else None
-    engine = Engine(bundle, threads=threads)
-    ids = engine.encode(text)
+    engines = [Engine(b, threads=threads) for b in bundles]
+    ref_engine = Engine(ref, threads=threads) if ref is not None else None
+    ids = engines[0].encode(text)
     if len(ids) < 2:
         raise InvalidArgumentError("the evaluation text is shorter than two tokens; give a longer text")
-    if ref is not None and ref.manifest.architecture.vocab_size != bundle.manifest.architecture.vocab_size:
-        raise InvalidArgumentError(f"reference {ref.path} has a vocabulary of {ref.manifest.architecture.vocab_size}"
-                                   f" tokens, {bundle.path} of {bundle.manifest.architecture.vocab_size}; "
-                                   "compare bundles of the same model")
-    engines = [engine] + ([Engine(ref, threads=threads)] if ref is not None else [])
-    nll, kl_sum, agree, positions = compare(engines, ids)
+    for b in bundles:
+        if ref is not None and ref.manifest.architecture.vocab_size != b.manifest.architecture.vocab_size:
+            raise InvalidArgumentError(f"reference {ref.path} has a vocabulary of {ref.manifest.architecture.vocab_size}"
+                                       f" tokens, {b.path} of {b.manifest.architecture.vocab_size}; "
+                                       "compare bundles of the same model")
     context_needed = min(len(ids), 16) + decode_steps + 1
-    if context_needed > engine.context:
+    everyone = engines + ([ref_engine] if ref_engine else [])
+    if context_needed > min(e.context for e in everyone):
         raise InvalidArgumentError(f"decode timing needs a context of {context_needed} tokens; this model has "
-                                   f"{engine.context}")
-    tps = decode_speed(engines, ids[:16], decode_steps)
+                                   f"{min(e.context for e in everyone)}")
+    scores = [compare([e, ref_engine] if ref_engine else [e], ids) for e in engines]
+    tps = decode_speed(everyone, ids[:16], decode_steps, rounds)
 
-    def summary(b: Bundle, i: int) -> BundleEval:
+    def summary(b: Bundle, nll: float, positions: int, speed: float) -> BundleEval:
         return BundleEval(name=b.path.name, path=str(b.path), precision=b.graph("target").precision,
-                          size_bytes=bundle_size(b), tokens=positions, perplexity=float(np.exp(nll[i] / positions)),
-                          decode_tps=tps[i])
+                          size_bytes=bundle_size(b), tokens=positions, perplexity=float(np.exp(nll / positions)),
+                          decode_tps=speed)
 
+    reports = []
+    for i, (b, (nll, kl_sum, agree, positions)) in enumerate(zip(bundles, scores)):
+        got = summary(b, nll[0], positions, tps[i])
+        timing = {"decode_steps": decode_steps, "decode_rounds": rounds}
+        if ref is None:
+            reports.append(EvalReport(got, **timing))
+        else:
+            reports.append(EvalReport(got, summary(ref, nll[1], positions, tps[-1]), top1_agreement=agree / positions,
+                                      mean_kl=kl_sum / positions, **timing))
+    return reports
+
+
+def format_table(report: EvalReport | list[EvalReport]) -> str:
+    """A plain-text table: the reference first (when there is one), then each model, with ratios to the reference.
+    Several reports must share their reference (evaluate_many)."""
+    reports = report if isinstance(report, list) else [report]
+    ref = reports[0].reference
     if ref is None:
-        return EvalReport(summary(bundle, 0))
-    return EvalReport(summary(bundle, 0), summary(ref, 1), top1_agreement=agree / positions,
-                      mean_kl=kl_sum / positions)
-
-
-def format_table(report: EvalReport) -> str:
-    """A plain-text table: the reference first (when there is one), then the model, with ratios to the reference."""
-    rows = [("bundle", "precision", "size MB", "size", "ppl", "ppl +%", "top-1", "KL", "decode tok/s", "speed")]
-    ref, got = report.reference, report.model
-    if ref is not None:
-        rows.append((ref.name, ref.precision, f"{ref.size_bytes / 1e6:.1f}", "100%", f"{ref.perplexity:.3f}", "",
-                     "", "", f"{ref.decode_tps:.1f}", "1.00x"))
-    rows.append((
-        got.name, got.precision, f"{got.size_bytes / 1e6:.1f}",
-        f"{100 * got.size_bytes / ref.size_bytes:.1f}%" if ref else "",
-        f"{got.perplexity:.3f}",
-        f"{100 * (got.perplexity / ref.perplexity - 1):+.2f}%" if ref else "",
-        f"{100 * report.top1_agreement:.1f}%" if ref else "",
-        f"{report.mean_kl:.4f}" if ref else "",
-        f"{got.decode_tps:.1f}",
-        f"{got.decode_tps / ref.decode_tps:.2f}x" if ref and ref.decode_tps else "",
-    ))
+        rows = [("bundle", "precision", "size", "ppl", "decode tok/s")]
+        rows += [(r.model.name, r.model.precision, format_size(r.model.size_bytes), f"{r.model.perplexity:.3f}",
+                  f"{r.model.decode_tps:.1f}") for r in reports]
+    else:
+        rows = [("bundle", "precision", "size", "size %", "ppl", "ppl +%", "top-1", "KL", "decode tok/s", "speed"),
+                (ref.name, ref.precision, format_size(ref.size_bytes), "100%", f"{ref.perplexity:.3f}", "", "", "",
+                 f"{ref.decode_tps:.1f}", "1.00x")]
+        for r in reports:
+            got = r.model
+            rows.append((got.name, got.precision, format_size(got.size_bytes),
+                         f"{100 * got.size_bytes / ref.size_bytes:.1f}%", f"{got.perplexity:.3f}",
+                         f"{100 * (got.perplexity / ref.perplexity - 1):+.2f}%", f"{100 * r.top1_agreement:.1f}%",
+                         f"{r.mean_kl:.4f}", f"{got.decode_tps:.1f}",
+                         f"{got.decode_tps / ref.decode_tps:.2f}x" if ref.decode_tps else ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
              for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    footer = f"{got.tokens} positions scored"
+    r0 = reports[0]
+    footer = f"{r0.model.tokens} positions scored; decode: best of {r0.decode_rounds} runs of {r0.decode_steps} " \
+             "greedy steps"
     if ref is not None:
-        footer += "; ppl, top-1 and KL(reference || model) on the same tokens; decode: best of " \
-                  f"{DECODE_ROUNDS} interleaved runs of {DECODE_STEPS} greedy steps"
+        footer += " (interleaved); top-1 and KL(reference || model) on the same positions"
     return "\n".join(lines + [footer])

@@ -2,12 +2,14 @@
 
 A *linear* is a MatMul whose weight is an initializer ([K, N]) or the LM head, which export writes as
 `Gemm(h, W[V, H], transB=1)`. Each linear has a short name taken from its node (`layers.3.mlp.down_proj`,
-`lm_head`) and is quantized block-wise along K to 4 or 8 bits; the embedding follows the LM head's bits:
+`lm_head`) and is quantized block-wise along K to 4 or 8 bits. Embedding tables are quantized too:
 
     MatMul(x, W[K, N])            -> MatMulNBits(x, B[N, K/bs, bs*bits/8], scales[N, K/bs], zero_points)
     Gemm(h, W[V, H], transB=1)    -> MatMulNBits over W^T, the same layout
-    Gather(W[V, H], ids), tied    -> GatherBlockQuantized(Reshape(B, [V, -1]), ids, scales, zero_points)
-    Gather(E[V, H], ids), untied  -> GatherBlockQuantized over E quantized the same way, its own bytes
+    Gather(W[V, H], ids), tied    -> GatherBlockQuantized(Reshape(B, [V, -1]), ids, scales, zero_points): the
+                                     LM head's bytes at the LM head's bits
+    Gather(E[V, H], ids), untied  -> GatherBlockQuantized over E at 8 bits, its own bytes (a lookup costs no
+                                     compute, so 4 bits would only save disk)
 
 MatMulNBits stores B as [N, K/bs, blob] and GatherBlockQuantized wants [V, H*bits/8]: the same bytes, so a tied
 embedding reads the LM head's quantized weights through a Reshape that ONNX Runtime folds at load. On disk the
@@ -40,8 +42,6 @@ class Linear:
     k: int               # input features
     n: int               # output features
     transposed: bool     # the initializer is stored [N, K] (the Gemm LM head) rather than [K, N]
-    embedding: str | None = None  # the LM head's embedding Gather node, if its table is a float initializer
-    tied: bool = False   # that Gather reads this very initializer
 
     @property
     def params(self) -> int:
@@ -81,8 +81,6 @@ def quantized_ops(model: onnx.ModelProto) -> set[str]:
 def find_linears(model: onnx.ModelProto) -> list[Linear]:
     """Every MatMul with an initializer weight, and the Gemm(transB=1) LM head, in graph order."""
     inits = {t.name: t for t in model.graph.initializer}
-    gathers = {n.input[0]: n.name for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits
-               and len(inits[n.input[0]].dims) == 2}
     out = []
     for node in model.graph.node:
         if node.op_type == "MatMul" and node.input[1] in inits and len(inits[node.input[1]].dims) == 2:
@@ -93,13 +91,35 @@ def find_linears(model: onnx.ModelProto) -> list[Linear]:
             if attrs.get("transB") != 1 or attrs.get("transA", 0) != 0 or attrs.get("alpha", 1.0) != 1.0:
                 continue
             n, k = inits[node.input[1]].dims
-            tied = node.input[1] in gathers
-            table = node.input[1] if tied else next((t for t in gathers if tuple(inits[t].dims) == (n, k)), None)
-            out.append(Linear(HEAD, node.name, node.input[1], k, n, transposed=True,
-                              embedding=gathers.get(table) if table else None, tied=tied))
+            out.append(Linear(linear_name(node.name), node.name, node.input[1], k, n, transposed=True))
     names = [lin.name for lin in out]
     if len(set(names)) != len(names):
         raise QuantizationError("the graph has two linear layers with the same name; re-export the bundle")
+    return out
+
+
+@dataclass(frozen=True)
+class Embedding:
+    node: str              # the Gather
+    table: str             # its float initializer [V, H]
+    v: int
+    h: int
+    tied: str | None       # the name of the linear that reads the same initializer (the LM head), if any
+
+
+def find_embeddings(model: onnx.ModelProto, linears: list[Linear]) -> list[Embedding]:
+    """Gathers over a 2-D float initializer whose rows can be block-quantized (H a multiple of 16)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    by_weight = {lin.weight: lin.name for lin in linears if lin.transposed}
+    out = []
+    for node in model.graph.node:
+        t = inits.get(node.input[0]) if node.op_type == "Gather" else None
+        if t is None or len(t.dims) != 2 or t.data_type != onnx.TensorProto.FLOAT:
+            continue
+        if any(a.name == "axis" and a.i != 0 for a in node.attribute):
+            continue
+        v, h = t.dims
+        out.append(Embedding(node.name, t.name, v, h, by_weight.get(t.name)))
     return out
 
 
@@ -138,6 +158,7 @@ class Blocks:
 
 SCALE_SEARCH = np.linspace(0.85, 1.15, 16, dtype=np.float32)  # block scale = (max - min) / 15 * f, for each f
 ROWS_PER_SLICE = 2048
+EMBEDDING_BITS = 8  # an untied embedding table (a lookup: its bits cost disk, not compute)
 
 
 def quantize_blocks(weight_kn: np.ndarray, bits: int, block_size: int, importance: np.ndarray | None = None,
@@ -199,10 +220,16 @@ def blocks_nbytes(k: int, n: int, bits: int, block_size: int) -> int:
     return n * kb * block_size * bits // 8 + n * kb * 4 + n * -(-kb * bits // 8)
 
 
-def linear_nbytes(lin: Linear, bits: int, block_size: int) -> int:
-    """What a linear costs on disk at `bits`, an untied embedding (which follows the LM head's bits) included."""
-    own = blocks_nbytes(lin.k, lin.n, bits, block_size)
-    return own * 2 if lin.embedding and not lin.tied else own
+def embedding_nbytes(e: Embedding, block_size: int) -> int:
+    """Bytes an embedding table adds once its linears are quantized: none when tied (it reads the LM head's),
+    EMBEDDING_BITS otherwise, and its float bytes when its rows do not split into blocks (it stays float)."""
+    if e.h % block_size:
+        return e.v * e.h * 4
+    return 0 if e.tied else blocks_nbytes(e.h, e.v, EMBEDDING_BITS, block_size)
+
+
+def is_head(lin: Linear) -> bool:
+    return lin.name == HEAD or lin.transposed
 
 
 def validate_block_size(block_size: int) -> None:
@@ -213,57 +240,65 @@ def validate_block_size(block_size: int) -> None:
 
 # ---- rewriting -----------------------------------------------------------------------------------------------
 
-def rewrite(model: onnx.ModelProto, quantized: dict[str, Blocks], accuracy_level: int) -> onnx.ModelProto:
-    """Replace each linear named in `quantized` by MatMulNBits over its blocks; the LM head's embedding Gather
-    becomes GatherBlockQuantized at the head's bits. Changes the model in place and drops unused float weights."""
+def rewrite(model: onnx.ModelProto, quantized: dict[str, Blocks], accuracy_level: int) -> dict[str, str]:
+    """Replace each linear named in `quantized` by MatMulNBits over its blocks, and each embedding Gather by
+    GatherBlockQuantized (a tied one over its LM head's bytes). Changes the model in place, drops the float weights
+    nothing reads any more, and returns how each embedding table was stored ({table: "int8" | "float" | ...})."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    linears = {lin.node: lin for lin in find_linears(model) if lin.name in quantized}
+    linears = find_linears(model)
+    embeddings = {e.node: e for e in find_embeddings(model, linears)}
+    by_node = {lin.node: lin for lin in linears if lin.name in quantized}
+    block_size = next(iter(quantized.values())).block_size if quantized else 32
     new_inits: list[onnx.TensorProto] = []
+    stored: dict[str, tuple[str, str, str, int]] = {}  # linear name -> (B, scales, zero points, bits)
+    tables: dict[str, str] = {}
 
-    def add(array: np.ndarray, name: str) -> str:
-        new_inits.append(numpy_helper.from_array(array, name))
-        return name
+    def add_blocks(q: Blocks, prefix: str) -> tuple[str, str, str, int]:
+        names = (f"{prefix}.B", f"{prefix}.scales", f"{prefix}.zero_points")
+        new_inits.extend(numpy_helper.from_array(a, n) for a, n in zip((q.packed, q.scales, q.zero_points), names))
+        return (*names, q.bits)
 
-    nodes, head = [], None
+    nodes = []
     for node in graph.node:
-        lin = linears.get(node.name)
-        if lin is None:
+        lin = by_node.get(node.name)
+        if lin is not None:
+            q = quantized[lin.name]
+            b, scales, zps, bits = stored[lin.name] = add_blocks(q, f"{lin.name}.weight_q{q.bits}")
+            attrs = dict(K=lin.k, N=lin.n, bits=bits, block_size=q.block_size)
+            if accuracy_level:
+                attrs["accuracy_level"] = accuracy_level
+            nodes.append(helper.make_node("MatMulNBits", [node.input[0], b, scales, zps], list(node.output),
+                                          name=f"{_base(node.name)}/MatMulNBits", domain=MS, **attrs))
+        else:
             nodes.append(node)
+    out = []
+    for node in nodes:
+        e = embeddings.get(node.name)
+        if e is None:
+            out.append(node)
             continue
-        q = quantized[lin.name]
-        prefix = f"{lin.name}.weight_q{q.bits}"
-        names = [add(q.packed, f"{prefix}.B"), add(q.scales, f"{prefix}.scales"),
-                 add(q.zero_points, f"{prefix}.zero_points")]
-        attrs = dict(K=lin.k, N=lin.n, bits=q.bits, block_size=q.block_size)
-        if accuracy_level:
-            attrs["accuracy_level"] = accuracy_level
-        base = node.name.rsplit("/", 1)[0] if "/" in node.name.strip("/") else node.name
-        nodes.append(helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output),
-                                      name=f"{base}/MatMulNBits", domain=MS, **attrs))
-        if lin.embedding:
-            head = (lin, q, names)
-    if head is not None:
-        lin, q, names = head
-        if not lin.tied:  # an untied table is quantized the same way into its own bytes
-            (gather,) = [n for n in nodes if n.name == lin.embedding]
-            e = quantize_blocks(numpy_helper.to_array(inits[gather.input[0]]).T, q.bits, q.block_size)
-            names = [add(e.packed, f"embed_tokens.weight_q{q.bits}.B"),
-                     add(e.scales, f"embed_tokens.weight_q{q.bits}.scales"),
-                     add(e.zero_points, f"embed_tokens.weight_q{q.bits}.zero_points")]
-        shape = add(np.array([lin.n, -1], np.int64), f"{names[0]}.gather_shape")
-        i = next(i for i, n in enumerate(nodes) if n.name == lin.embedding)
-        gather = nodes[i]
-        base = gather.name.rsplit("/", 1)[0] if "/" in gather.name.strip("/") else gather.name
-        # the Reshape reads only initializers, so right before the embedding is a valid place for it
-        nodes[i:i + 1] = [
-            helper.make_node("Reshape", [names[0], shape], [f"{names[0]}_2d"], name=f"{base}/Reshape"),
-            helper.make_node("GatherBlockQuantized", [f"{names[0]}_2d", gather.input[1], names[1], names[2]],
-                             list(gather.output), name=f"{base}/GatherBlockQuantized", domain=MS, bits=q.bits,
-                             block_size=q.block_size, gather_axis=0, quantize_axis=1),
-        ]
+        if e.tied and e.tied in stored and e.h % block_size == 0:
+            b, scales, zps, bits = stored[e.tied]
+        elif not e.tied and e.h % block_size == 0:
+            q = quantize_blocks(numpy_helper.to_array(inits[e.table]).T, EMBEDDING_BITS, block_size)
+            b, scales, zps, bits = add_blocks(q, f"{e.table}_q{EMBEDDING_BITS}")
+        else:  # its rows do not split into blocks, or its tied head stays float
+            tables[e.table] = "float"
+            out.append(node)
+            continue
+        tables[e.table] = f"int{bits}" + (f" (shares {e.tied})" if e.tied else "")
+        shape = f"{b}.gather_shape"
+        new_inits.append(numpy_helper.from_array(np.array([e.v, -1], np.int64), shape))
+        base = _base(node.name)
+        # MatMulNBits keeps B as [N, K/bs, blob], GatherBlockQuantized reads [V, H*bits/8]: the same bytes. The
+        # Reshape reads only initializers (folded at load), so right before the lookup is a valid place for it.
+        out += [helper.make_node("Reshape", [b, shape], [f"{b}_2d"], name=f"{base}/Reshape"),
+                helper.make_node("GatherBlockQuantized", [f"{b}_2d", node.input[1], scales, zps], list(node.output),
+                                 name=f"{base}/GatherBlockQuantized", domain=MS, bits=bits, block_size=block_size,
+                                 gather_axis=0, quantize_axis=1)]
     graph.ClearField("node")
-    graph.node.extend(nodes)
+    graph.node.extend(out)
     graph.initializer.extend(new_inits)
     used = {name for node in graph.node for name in node.input}
     keep = [t for t in graph.initializer if t.name in used]
@@ -271,4 +306,9 @@ def rewrite(model: onnx.ModelProto, quantized: dict[str, Blocks], accuracy_level
     graph.initializer.extend(keep)
     if not any(op.domain == MS for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS, 1))
-    return model
+    return tables
+
+
+def _base(node_name: str) -> str:
+    """`model.layers.0.attn.qkv_proj/MatMul` -> `model.layers.0.attn.qkv_proj`: the new node's name prefix."""
+    return node_name.rsplit("/", 1)[0] if "/" in node_name.strip("/") else node_name

@@ -4,12 +4,15 @@
     qnn-w4a16   activations uint16, linear weights int4 per output channel; the first and the last decoder layer
                 keep int8 (mixed per layer: the layers most often found sensitive); `bits` overrides any linear
 
-The attention core (Q.K, + mask, Softmax, probs.V: no weights) stays float16 on the NPU: HTP multiplies two 16-bit
-tensors at about 8-bit precision, which put the NPU's logits 5% of their range away from the exact QDQ result on
-the tiny model; in float16 they agree to 1% and greedy decoding matches token for token (HTP v73 and newer).
-Both keep the tied embedding / LM head matrix uint8 per tensor: one matrix read by the embedding Gather and the LM
-head Gemm, and QNN's FullyConnected takes per-tensor 8-bit weights (16-bit ones it refuses); the Gather's 8-bit
-output is converted to 16 bits before the first norm. Rotary tables stay 16-bit.
+What is quantized: the linear layers (uint16 activations in and out, 4/8-bit weights) and the table lookups
+(embedding, rotary cos/sin: HTP takes no float Gather).
+What runs between them - RMSNorm, residual adds, rotary, SiLU, the attention core (Q.K, mask, Softmax, probs.V) -
+stays float (float16 on a device's HTP, v73 and newer; the x86_64 simulator computes it in float32). Measured on
+the simulator, with those quantized too: HTP multiplies two 16-bit tensors at about 8-bit precision (the tiny
+model's logits 5% of their range off an exact QDQ run), and on SmolLM2-135M the 16-bit norms and adds drifted ~1%
+per layer over an outlier-heavy residual stream (|x| ~ 800), enough to derail greedy decoding after two tokens.
+The tied embedding / LM head matrix is uint8 per tensor: one matrix read by the embedding Gather and the LM head
+Gemm, and QNN's FullyConnected takes per-tensor 8-bit weights (it refuses 16-bit ones).
 
 Calibration (MinMax) runs the float AR-N graph over calibration text with a real KV cache (the runtime's own
 StaticDecoder on the CPU), recording each call's inputs. The ranges are computed once and cached; every variant
@@ -37,12 +40,10 @@ from edge_runtime.manifest import Architecture, GraphSpec, Manifest
 from .calibration import load_text
 
 CALIBRATION_TOKENS = 512      # at most this many calibration tokens (fewer if the context is shorter)
-EMBED = "model.embed_tokens.weight"
-EMBED_OUT = "/model/embed_tokens/Gather/output_0"
-ROTARY = ("rotary_cos", "rotary_sin")
-# the attention core: HTP computes a MatMul of two 16-bit tensors at about 8-bit precision (0.7% of the scores'
-# range off an exact QDQ run, 2.7% after probs x V), so these run in float16 on the NPU instead
-FLOAT_ATTENTION = ("/attn/scores/MatMul", "/attn/scores/Add", "/attn/Softmax", "/attn/context/MatMul")
+QUANTIZED_OPS = ["MatMul", "Gemm", "Gather"]
+# ... but not these: the attention core's MatMuls (two activations) stay float
+FLOAT_NODES = ("/attn/scores/MatMul", "/attn/context/MatMul")
+ROTARY_TABLES = ("rotary_cos", "rotary_sin")  # looked up 16-bit (HTP takes no float Gather)
 
 Progress = Callable[[str], None]
 
@@ -52,7 +53,6 @@ class QnnRecipe:
     name: str
     weight_bits: int                     # linear weights: 8 or 4 (per output channel, symmetric)
     int8_edge_layers: bool = False       # keep the first and last decoder layers at 8 bits
-    float_attention: bool = True         # scores, mask, softmax, context stay float (see the module docstring)
     bits: dict[str, int] = field(default_factory=dict)  # per linear ("layers.3.mlp.down_proj") overrides
 
     @property
@@ -154,18 +154,16 @@ class _Linear:
     name: str            # layers.3.mlp.down_proj, lm_head (the names the CPU recipes use too)
     weight: str          # its initializer
     transposed: bool     # Gemm(transB=1): the LM head, stored [V, H]
-    tied_gather: bool    # the embedding Gather reads the same initializer
 
 
 def _linears(model: onnx.ModelProto) -> list[_Linear]:
     """The static graph's linear layers: MatMuls with an initializer weight, and the Gemm LM head."""
     inits = {t.name for t in model.graph.initializer}
-    gathered = {n.input[0] for n in model.graph.node if n.op_type == "Gather"}
     out = []
     for node in model.graph.node:
         if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and node.input[1] in inits:
             name = node.name.strip("/").rsplit("/", 1)[0].removeprefix("model.")
-            out.append(_Linear(name, node.input[1], node.op_type == "Gemm", node.input[1] in gathered))
+            out.append(_Linear(name, node.input[1], node.op_type == "Gemm"))
     return out
 
 
@@ -188,15 +186,13 @@ def _overrides(model: onnx.ModelProto, bits: dict[str, int]) -> dict[str, list[d
 
     overrides: dict[str, list[dict]] = {}
     for lin in _linears(model):
-        if lin.transposed:  # the LM head: per tensor, 8 bits (see the module docstring)
+        if lin.transposed:  # the LM head (and the tied embedding): per tensor, 8 bits (see the module docstring)
             overrides[lin.weight] = [{"quant_type": QuantType.QUInt8}]
-            if lin.tied_gather:  # the embedding reads the same uint8 matrix; widen its output to 16 bits
-                overrides[EMBED_OUT] = [{"quant_type": QuantType.QUInt8, "convert": {"quant_type": QuantType.QUInt16}}]
         else:
             qtype = QuantType.QInt8 if bits[lin.name] == 8 else QuantType.QInt4
             overrides[lin.weight] = [{"quant_type": qtype, "symmetric": True, "axis": 1}]
     inits = {t.name for t in model.graph.initializer}
-    for name in ROTARY:
+    for name in ROTARY_TABLES:
         if name in inits:
             overrides[name] = [{"quant_type": QuantType.QUInt16}]
     return overrides
@@ -221,9 +217,10 @@ def quantize_qnn(src_onnx: str | Path, dst_onnx: str | Path, recipe: str | QnnRe
     model = onnx.load(str(src), load_external_data=False)
     bits = linear_bits(model, recipe)
     reader = None if cached else _StaticFeeds(src, calibration_ids)
-    exclude = [n.name for n in model.graph.node if recipe.float_attention and n.name.endswith(FLOAT_ATTENTION)]
+    exclude = [n.name for n in model.graph.node if n.name.endswith(FLOAT_NODES)]
     config = get_qnn_qdq_config(model, reader, activation_type=QuantType.QUInt16, weight_type=QuantType.QUInt8,
-                                init_overrides=_overrides(model, bits), nodes_to_exclude=exclude or None)
+                                init_overrides=_overrides(model, bits), op_types_to_quantize=QUANTIZED_OPS,
+                                nodes_to_exclude=exclude)
     # one call per stride: ranges are merged after each call and its intermediate tensors dropped
     extra = {**config.extra_options, "CalibStridedMinMax": 1}
     quiet = logging.getLogger().level

@@ -69,26 +69,30 @@ class Probe:
         probe.graph.output.extend(helper.make_empty_tensor_value_info(x) for x in sorted(set(self._inputs.values())))
         self.session = ort.InferenceSession(probe.SerializeToString(), sess_options=session_options(threads),
                                             providers=["CPUExecutionProvider"])
-        self._kv = [(i.name, i.shape) for i in self.session.get_inputs() if i.name.startswith("past_")]
+        dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+        self._kv = [(i.name, i.shape, dtypes.get(i.type, np.float32)) for i in self.session.get_inputs()
+                    if i.name.startswith("past_")]
         self.reference, self.importance = self._float_run()
 
     def _feeds(self, ids: list[int], weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(ids)
         feeds = {"input_ids": np.asarray([ids], np.int64), "seqlens_k": np.array([n - 1], np.int32),
                  "total_sequence_length": np.array(n, np.int32), "logits_to_keep": np.array([n], np.int64)}
-        for name, shape in self._kv:  # [1, kv_heads, capacity, head_dim]: an empty cache of exactly n positions
-            feeds[name] = np.zeros((1, shape[1], n, shape[3]), np.float32)
+        for name, shape, dtype in self._kv:  # [1, kv_heads, capacity, head_dim]: an empty cache of n positions
+            feeds[name] = np.zeros((1, shape[1], n, shape[3]), dtype)
         feeds.update(weights)
         return feeds
 
-    def _float_run(self) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+    def _float_run(self) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, np.ndarray]]:
+        """The float model's (log-probs, probs) per window, and each linear's mean squared input per feature."""
         names = sorted(set(self._inputs.values()))
         sums = {x: 0.0 for x in names}
         count = {x: 0 for x in names}
         reference = []
         for ids in self.windows:
             logits, *acts = self.session.run(["logits", *names], self._feeds(ids, self.float_weights))
-            reference.append(_log_softmax(logits[0]))
+            logp = _log_softmax(logits[0])
+            reference.append((logp, np.exp(logp)))
             for x, a in zip(names, acts):
                 a = a.reshape(-1, a.shape[-1]).astype(np.float64)
                 sums[x] = sums[x] + np.square(a).sum(0)
@@ -99,10 +103,9 @@ class Probe:
         """Mean KL(float || model with the `replaced` weights, by initializer name) over the calibration positions."""
         weights = {**self.float_weights, **replaced}
         total, count = 0.0, 0
-        for ids, ref in zip(self.windows, self.reference):
+        for ids, (ref, p) in zip(self.windows, self.reference):
             (logits,) = self.session.run(["logits"], self._feeds(ids, weights))
-            got = _log_softmax(logits[0])
-            total += float((np.exp(ref) * (ref - got)).sum())
+            total += float((p * (ref - _log_softmax(logits[0]))).sum())
             count += len(ids)
         return total / count
 

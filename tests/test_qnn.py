@@ -1,9 +1,9 @@
 """The NPU path for real: the tiny model's static graphs, quantized with the qnn-* recipes, on onnxruntime-qnn's HTP
 backend (the x86_64 simulator here) with CPU fallback disabled, against the CPU run of the same quantized graphs.
 
-Tolerances (measured on the tiny model, 90 positions): the HTP's logits stay within 2.9% of the largest CPU logit
-of each call (asserted: 5%) and pick the same token everywhere; quantized vs float top-1 agreement is 89%
-(asserted: 75%) for qnn-w8a16.
+Tolerances (measured on the tiny model): the HTP's logits stay within 1.2% of the largest CPU logit of each call
+(asserted: 5%) and pick the same token everywhere; quantized vs float top-1 agreement is 89% (asserted: 75%) for
+qnn-w8a16.
 """
 from __future__ import annotations
 
@@ -95,9 +95,9 @@ def test_qnn_logits_match_the_cpu_run_of_the_same_quantized_graphs(which, reques
     assert qnn.variant_calls == {1: 3, 5: 2, 64: 1}
 
 
-def test_qnn_variants_give_bit_identical_logits(w8_bundle):
-    """Same quantization parameters in AR-1, AR-5 and AR-64: verifying k drafts sees exactly what k decode steps
-    would, so speculative greedy decoding on the NPU is target-only greedy, token for token."""
+def test_qnn_variants_agree(w8_bundle):
+    """AR-1, AR-5 and AR-64 share every quantization parameter, so verifying k drafts sees what k decode steps would
+    (up to float16 rounding in the float parts, which differs between shapes): the same token everywhere."""
     dec = load_static_decoder(Bundle.load(w8_bundle), "target", None, ep="qnn")
     ids = list(range(3, 23))
     dec.prefill(ids[:10])
@@ -106,7 +106,9 @@ def test_qnn_variants_give_bit_identical_logits(w8_bundle):
     five = dec.forward(ids[10:15], keep=5).copy()
     dec.kv.rewind(15)
     padded = dec.forward(ids[:15], keep=5).copy()
-    assert np.array_equal(one, five) and np.array_equal(padded, five)
+    for got in (one, padded):
+        assert np.abs(got - five).max() <= 0.01 * np.abs(five).max()
+        assert (got.argmax(-1) == five.argmax(-1)).all()
 
 
 def test_qnn_greedy_generation_equals_cpu_greedy_of_the_same_graphs(w8_bundle):
@@ -152,12 +154,15 @@ def test_recipes_produce_the_qdq_they_claim(w8_bundle, w4_bundle):
         assert types["model.embed_tokens.weight_quantized"] == T.UINT8          # tied embedding / LM head
         scale = {t.name: t for t in model.graph.initializer}["model.layers.1.mlp.up_proj.weight_scale"]
         assert list(scale.dims) == [m.architecture.intermediate_size]          # per output channel
-        embedding = "/model/embed_tokens/Gather/output_0"  # the uint8 rows, converted to 16 bits right after
-        activations = {n.input[2] for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] != embedding}
-        assert {types[zp] for zp in activations} == {T.UINT16}                 # 16-bit activations
+        embedding = "/model/embed_tokens/Gather/output_0"  # rows of the uint8 matrix
+        quantized = {n.input[0]: n.input[2] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+        assert {types[zp] for name, zp in quantized.items() if name != embedding} == {T.UINT16}  # 16-bit activations
         produced_by = {o: n for n in model.graph.node for o in n.output}
+        # what lies between the linears stays float (float16 on HTP): norms, softmax, the attention MatMuls
+        assert not any(produced_by[name].op_type in ("ReduceMean", "Sqrt", "Div", "Softmax", "Sigmoid")
+                       for name in quantized if name in produced_by)
         softmax = next(n for n in model.graph.node if n.op_type == "Softmax")
-        assert produced_by[softmax.input[0]].op_type == "Add"                  # float attention core (float16 on HTP)
+        assert produced_by[softmax.input[0]].op_type == "Add"
 
 
 def test_compiled_context_binaries_load_faster_and_a_tampered_one_is_refused(w8_bundle, tmp_path):
@@ -200,9 +205,12 @@ def test_static_context_overflow_on_qnn_raises_context_full(w8_bundle):
         list(engine.generate_step(list(range(3, 3 + 60)), max_tokens=10))
 
 
-def test_a_float_static_bundle_on_qnn_says_to_quantize(static_bundle):
-    with pytest.raises(ExecutionProviderError, match="quantize the bundle first"):
-        ert.Engine.load(static_bundle, ep="qnn")
+def test_a_float_static_bundle_runs_on_qnn_in_float16(static_bundle):
+    qnn = load_static_decoder(Bundle.load(static_bundle), "target", None, ep="qnn")
+    cpu = load_static_decoder(Bundle.load(static_bundle), "target", None, ep="cpu")
+    ids = list(range(3, 23))
+    got, want = qnn.prefill(ids).copy(), cpu.prefill(ids).copy()
+    assert np.abs(got - want).max() <= 0.01 * np.abs(want).max() and got.argmax() == want.argmax()
 
 
 def test_quantize_refuses_what_it_cannot_do(static_bundle, w8_bundle, tiny_bundle, tmp_path):

@@ -21,8 +21,8 @@ from export.distill import Recipe, parse_settings, train_draft, work_dir
 from test_speculative import _exact_pairs, chi2_critical, chi_square
 from tiny import CORPUS, make_model, make_tokenizer
 
-# a draft of the target's first layer, with a 128-row head over the target's 320 tokens (exercises the id map)
-RECIPE = ["layers=1", "vocab=128", "max_tokens=32", "steps=200", "lr=1e-3", "eval_every=50", "threads=1"]
+# a draft of the target's last layer, with a 128-row head over the target's 320 tokens (exercises the id map)
+RECIPE = ["layers=-1", "vocab=128", "max_tokens=32", "steps=200", "lr=1e-3", "eval_every=50", "threads=1"]
 
 
 def _teach(model, tokenizer, steps: int = 40) -> None:
@@ -129,7 +129,7 @@ def test_the_draft_bundle_has_a_reduced_vocabulary_mapped_to_target_ids(trained,
     result, _ = trained
     m = result.bundle.manifest
     vmap = np.load(result.bundle.file(m.vocab_map))
-    assert m.architecture.vocab_size == 129 and len(vmap) == 128 == len(np.unique(vmap))  # + the shared row
+    assert m.architecture.vocab_size == 128 == len(vmap) == len(np.unique(vmap))
     assert vmap.max() < Bundle.load(taught_bundle).manifest.architecture.vocab_size
     assert 2 in vmap  # the end-of-sequence token is always proposable
     assert m.architecture.num_layers == 1 and m.source["steps"] == 200
@@ -177,7 +177,7 @@ def test_sampling_with_the_reduced_vocabulary_draft_follows_the_target(trained, 
 def test_resume_continues_from_the_checkpoint(taught_bundle, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join([p for p in _prompts(20, seed=2) if "\n" not in p][:12]))
-    recipe = parse_settings(["layers=1", "vocab=128", "max_tokens=16", "steps=40", "eval_every=10", "threads=1"])
+    recipe = parse_settings(["vocab=128", "max_tokens=16", "steps=40", "eval_every=10", "threads=1"])
     out = tmp_path / "draft"
     # Ctrl-C while answering prompts, then while training
     first = Recorder(stop=("answer prompts", 5))
@@ -248,8 +248,8 @@ def test_a_tampered_vocabulary_map_is_refused(trained, taught_bundle, tmp_path):
 
 
 def test_recipe_settings_are_typed():
-    r = parse_settings(["vocab=4096", "layers=0,29", "temperature=0.5"])
+    r = parse_settings(["vocab=4096", "layers=0,-1", "temperature=0.5"])
     assert (r.vocab, r.layer_ids(30), r.temperature) == (4096, (0, 29), 0.5)
-    assert Recipe().layer_ids(30) == (0, 1)
+    assert Recipe().layer_ids(30) == (29,)
     with pytest.raises(DraftTrainingError, match="takes a int"):
         parse_settings(["vocab=lots"])

@@ -88,11 +88,11 @@ def top_k_logprobs(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k most likely ids of a logits row, most likely first, and their log-probabilities."""
     k = min(k, logits.size)
     ids = np.argpartition(logits, logits.size - k)[logits.size - k:]
-    top = logits[ids].astype(np.float64)
-    m = float(logits.max())
-    lse = m + float(np.log(np.exp(logits.astype(np.float64) - m).sum()))
+    top = logits[ids]
+    m = float(top.max())
+    lse = m + float(np.log(np.exp(logits - m, dtype=np.float32).sum(dtype=np.float64)))
     order = np.argsort(-top, kind="stable")
-    return ids[order], top[order] - lse
+    return ids[order], top[order].astype(np.float64) - lse
 
 
 def answer(engine: Engine, prompt_ids: list[int], sampling: SamplingParams, max_tokens: int,

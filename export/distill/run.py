@@ -105,7 +105,7 @@ def train_draft(target_path: str | Path, out: str | Path, prompts_file: str | Pa
         raise DraftTrainingError("--prompts cannot change a run being resumed; its prompts were fixed when it started")
     if not resume:
         load_prompts(prompts_file)  # a bad prompt file fails before anything is created
-    from .model import build_draft, check_target, choose_vocab, export_draft, new_draft
+    from .model import build_draft, check_target, choose_vocab, export_draft
     layers = recipe.layer_ids(target.manifest.architecture.num_layers)
     check_target(target, layers)
     recipe, prompts = _start(work, resume, prompts_file, recipe)
@@ -137,12 +137,11 @@ def train_draft(target_path: str | Path, out: str | Path, prompts_file: str | Pa
     from .train import Trainer
     ckpt = work / "checkpoint.pt"
     arch = target.manifest.architecture
-    if ckpt.is_file():
+    if ckpt.is_file():  # the vocabulary was chosen when training started
         vocab_map = torch.load(ckpt, weights_only=False)["vocab_map"]
-        model = new_draft(arch, len(layers), len(vocab_map))
     else:
         vocab_map = choose_vocab(data, recipe.vocab, arch.vocab_size, tuple(target.manifest.tokens.eos))
-        model = build_draft(target, layers, vocab_map)
+    model = build_draft(target, layers, vocab_map)
     trainer = Trainer(model, data, vocab_map, arch.vocab_size, recipe)
     if ckpt.is_file():
         trainer.load(ckpt)
@@ -166,7 +165,8 @@ def train_draft(target_path: str | Path, out: str | Path, prompts_file: str | Pa
     info = {"layers": list(layers), "steps": state.step, "heldout_acceptance": round(final["acceptance"], 4),
             "heldout_kl": round(final["heldout_kl"], 4), "answers": len(data), "answer_tokens": data.answer_tokens,
             "recipe": recipe.to_dict()}
-    bundle = export_draft(model, vocab_map, target, out, info)
+    held = data.heldout.index(True)
+    bundle = export_draft(model, vocab_map, target, out, info, probe=data.seqs[held][:32].tolist())
     return Result(bundle=bundle, work=work, answers=len(data), answer_tokens=data.answer_tokens, steps=state.step,
                   initial=state.history[0], final=final, draft_bytes=_weights_bytes(bundle),
                   target_bytes=_weights_bytes(target), seconds=time.monotonic() - t_start)

@@ -22,23 +22,24 @@ from .recipe import Recipe
 
 @dataclass
 class Batch:
-    input_ids: object       # torch int64 [B, T] draft ids, 0-padded
+    input_ids: object       # torch int64 [B, T] target ids, 0-padded
     attention_mask: object  # torch int64 [B, T]
     rows: object            # torch bool [B, T]: positions whose next token is an answer token
-    top_ids: object         # torch int64 [R, k] teacher ids in draft space (0 where outside the draft vocabulary)
+    top_ids: object         # torch int64 [R, k] the teacher's top ids as head rows (0 where outside the head)
     top_p: object           # torch float32 [R, k] teacher probabilities (0 where outside)
     top_logp: object        # torch float32 [R, k]
     target_top1: object     # torch int64 [R] the teacher's argmax, target ids
 
 
-def make_batch(data: DistillSet, idx: list[int], to_draft: np.ndarray, unknown: int, seq_len: int) -> Batch:
+def make_batch(data: DistillSet, idx: list[int], to_row: np.ndarray, unknown: int, seq_len: int) -> Batch:
+    """to_row: target id -> head row, `unknown` for ids outside the head."""
     import torch
     seqs, rows, tops = [], [], []
     for i in idx:
         seq, p = data.seqs[i], data.prompt_lens[i]
         t = min(len(seq) - 1, seq_len)           # positions 0..t-1 run; the last token predicts nothing needed
         n_rows = t - p + 1                        # answer token j is predicted at position p - 1 + j
-        seqs.append(to_draft[seq[:t]])
+        seqs.append(seq[:t])
         rows.append((p - 1, n_rows))
         tops.append((data.top_ids[i][:n_rows], data.top_logp[i][:n_rows]))
     width = max(len(s) for s in seqs)
@@ -51,7 +52,7 @@ def make_batch(data: DistillSet, idx: list[int], to_draft: np.ndarray, unknown: 
         row_mask[b, start:start + n] = True
     top_t = np.concatenate([t for t, _ in tops])
     logp = np.concatenate([lp for _, lp in tops]).astype(np.float32)
-    draft_ids = to_draft[top_t]
+    draft_ids = to_row[top_t]
     inside = draft_ids != unknown
     p = np.where(inside, np.exp(logp), 0.0).astype(np.float32)
     return Batch(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(row_mask),
@@ -61,11 +62,10 @@ def make_batch(data: DistillSet, idx: list[int], to_draft: np.ndarray, unknown: 
 
 
 def draft_logprobs(model, batch: Batch):
-    """log q over the draft's N real rows [R, N], at the answer positions only (the head runs on those alone)."""
+    """log q over the draft's head rows [R, N], at the answer positions only (the head runs on those alone)."""
     import torch
     hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-    logits = model.lm_head(hidden[batch.rows])
-    return torch.log_softmax(logits[:, :-1], dim=-1)  # the shared input row is never an output
+    return torch.log_softmax(model.lm_head(hidden[batch.rows]), dim=-1)
 
 
 def kl_loss(logq, batch: Batch):
@@ -89,11 +89,12 @@ class Trainer:
         self.model, self.data, self.recipe = model, data, recipe
         self.vocab_map = vocab_map
         self.unknown = len(vocab_map)
-        self.to_draft = np.full(target_vocab, self.unknown, np.int64)
-        self.to_draft[vocab_map] = np.arange(len(vocab_map))
+        self.to_row = np.full(target_vocab, self.unknown, np.int64)
+        self.to_row[vocab_map] = np.arange(len(vocab_map))
         self.train_idx = [i for i, h in enumerate(data.heldout) if not h]
         self.heldout_idx = [i for i, h in enumerate(data.heldout) if h]
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=0.0)
+        self.params = [p for p in model.parameters() if p.requires_grad]  # the embedding stays the target's
+        self.optimizer = torch.optim.AdamW(self.params, lr=recipe.lr, betas=(0.9, 0.98), weight_decay=0.0)
         self.state = TrainState()
         self.rng = np.random.default_rng(recipe.seed)
 
@@ -101,7 +102,8 @@ class Trainer:
     def save(self, path: Path) -> None:
         import torch
         tmp = path.with_name(f".{path.name}.tmp")
-        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        from .model import trained_state
+        torch.save({"model": trained_state(self.model), "optimizer": self.optimizer.state_dict(),
                     "state": self.state.__dict__, "rng": self.rng.bit_generator.state,
                     "vocab_map": self.vocab_map}, tmp)
         os.replace(tmp, path)
@@ -109,7 +111,11 @@ class Trainer:
     def load(self, path: Path) -> None:
         import torch
         ckpt = torch.load(path, weights_only=False)
-        self.model.load_state_dict(ckpt["model"])
+        missing, unexpected = self.model.load_state_dict(ckpt["model"], strict=False)
+        if unexpected or any(k != "model.embed_tokens.weight" for k in missing):
+            from edge_runtime.errors import DraftTrainingError
+            raise DraftTrainingError(f"{path} does not fit this draft ({(unexpected or missing)[0]}); delete the "
+                                     "work folder and start again")
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.state = TrainState(**ckpt["state"])
         self.rng.bit_generator.state = ckpt["rng"]
@@ -123,7 +129,7 @@ class Trainer:
         kl = agree = rows = 0.0
         with torch.no_grad():
             for start in range(0, len(idx), self.recipe.batch):
-                batch = make_batch(self.data, idx[start:start + self.recipe.batch], self.to_draft, self.unknown,
+                batch = make_batch(self.data, idx[start:start + self.recipe.batch], self.to_row, self.unknown,
                                    self.recipe.seq_len)
                 logq = draft_logprobs(self.model, batch)
                 n = logq.shape[0]
@@ -148,13 +154,13 @@ class Trainer:
         import torch
         r = self.recipe
         idx = self.rng.choice(self.train_idx, size=min(r.batch, len(self.train_idx)), replace=False).tolist()
-        batch = make_batch(self.data, idx, self.to_draft, self.unknown, r.seq_len)
+        batch = make_batch(self.data, idx, self.to_row, self.unknown, r.seq_len)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.state.step)
         loss = kl_loss(draft_logprobs(self.model, batch), batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()
         self.state.step += 1
         return float(loss.detach())
@@ -169,13 +175,16 @@ class Trainer:
             return s
         if r.steps:
             s.total_steps = s.total_steps or r.steps
+        t_eval = time.monotonic()
         if not s.history:
             s.history.append({"step": 0, "loss": None, **self.evaluate()})
             if on_step:
                 on_step(s, s.history[-1])
+        t_eval = time.monotonic() - t_eval  # 0 on resume: the estimate below then leaves evaluations out
         saved = time.monotonic()
         losses: list[float] = []
-        timed, t_timed = 0, 0.0
+        timed, t_start = 0, time.monotonic()
+        measure = 3  # steps timed before the step budget is fixed
         clean = True  # weights, optimizer and step agree (an interrupt inside a step leaves them out of step)
         try:
             while (not s.total_steps or s.step < s.total_steps) and time.monotonic() < stop_at:
@@ -183,11 +192,11 @@ class Trainer:
                 clean = False
                 losses.append(self.train_step())
                 clean = True
-                dt = time.perf_counter() - t0
-                s.seconds += dt
-                timed, t_timed = timed + 1, t_timed + dt
-                if not s.total_steps and timed == 3:
-                    s.total_steps = s.step + max(1, int((stop_at - time.monotonic()) / (t_timed / timed)))
+                s.seconds += time.perf_counter() - t0
+                timed += 1
+                if not s.total_steps and timed == measure:
+                    per_step = (time.monotonic() - t_start) / timed + t_eval / r.eval_every
+                    s.total_steps = s.step + max(1, int((stop_at - time.monotonic()) / per_step))
                 figures = {"loss": float(np.mean(losses[-10:]))}
                 if s.step % r.eval_every == 0 or s.step == s.total_steps:
                     figures.update(self.evaluate())
