@@ -124,6 +124,8 @@ class _TrainProgress:
         unit = "prompt" if name.startswith("answer") else "step"
         self.bar = tqdm(total=total or None, initial=done, desc=name, unit=unit, file=sys.stderr, disable=None,
                         dynamic_ncols=True)
+        if self.bar.disable and total:  # no terminal: a line per stage instead of a bar
+            click.echo(f"{name}: {done} of {total} {unit}s done", err=True)
 
     def update(self, done: int, figures: dict) -> None:
         self.bar.update(done - self.bar.n)
@@ -156,7 +158,8 @@ def _train_draft(target: Path, out: Path, minutes: float = 30.0, prompts: Path |
     finally:
         progress.close()
     click.echo(f"draft {out}: held-out greedy acceptance {result.final['acceptance']:.3f} (untrained "
-               f"{result.initial['acceptance']:.3f}), {result.steps} steps on {result.answer_tokens} answer tokens, "
+               f"{result.initial['acceptance']:.3f}; weights of step {result.final['step']} of {result.steps}), "
+               f"{result.answer_tokens} answer tokens, "
                f"weights {result.draft_bytes / 2**20:.1f} MiB = {100 * result.draft_bytes / result.target_bytes:.1f}% "
                f"of the target's, built in {result.seconds / 60:.1f} min; checkpoints in {result.work}", err=True)
     return result

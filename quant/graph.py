@@ -108,7 +108,7 @@ class Embedding:
 
 
 def find_embeddings(model: onnx.ModelProto, linears: list[Linear]) -> list[Embedding]:
-    """Gathers over a 2-D float initializer whose rows can be block-quantized (H a multiple of 16)."""
+    """The embedding tables: Gathers (on axis 0) over a 2-D float32 initializer [V, H]."""
     inits = {t.name: t for t in model.graph.initializer}
     by_weight = {lin.weight: lin.name for lin in linears if lin.transposed}
     out = []
@@ -168,7 +168,8 @@ def quantize_blocks(weight_kn: np.ndarray, bits: int, block_size: int, importanc
     8 bits (or search=False): ONNX Runtime's own round-to-nearest over each block's min/max range.
     4 bits: per block, the scale among (max - min) / 15 * SCALE_SEARCH with the least squared error, each input
     feature k weighted by `importance[k]` (mean squared activation on calibration text, when given), so the
-    error lands where inputs are small. On SmolLM2 this halves the KL of RTN (0.38 -> 0.24 before mixing).
+    error lands where inputs are small. On SmolLM2 (all linears 4-bit) this cuts the KL of plain round-to-nearest
+    by 37% (0.385 -> 0.244 on the calibration windows).
     """
     validate_block_size(block_size)
     w = np.ascontiguousarray(weight_kn, dtype=np.float32)

@@ -13,11 +13,11 @@ DEFAULT_PROMPTS = Path(__file__).resolve().parent.parent / "data" / "draft_promp
 
 @dataclass(frozen=True)
 class Recipe:
-    # the draft: the listed target layers ("-1": the last; "0,-1": the first and the last) + the final norm, on the
-    # target's embedding (INT8), with an LM head over the `vocab` tokens the target uses most. On SmolLM2 the last
-    # layer alone starts at 0.62 held-out greedy acceptance untrained; the first 2 layers at 0.04, and any stack
-    # with a layer before the last near 0 (model.py).
-    layers: str = "-1"
+    # the draft: the listed target layers ("0": the first; "0,-1": the first and the last) + the final norm, on the
+    # target's embedding (INT8), with an LM head over the `vocab` tokens the target uses most. Measured on SmolLM2,
+    # held-out greedy acceptance untrained: layer 0: 0.072 (0.184 after 121 steps); layers 0,1: 0.044; the last
+    # layer alone: 0.003; 0,29 / 1,29 / 28,29: 0.000; the first 27 / 28 / 29 of 30: 0.50 / 0.58 / 0.62.
+    layers: str = "0"
     vocab: int = 14336
     # the self-distillation set: the target answers each prompt at `temperature` (held-out prompts greedily)
     temperature: float = 0.7
@@ -29,7 +29,7 @@ class Recipe:
     # training
     batch: int = 8             # sequences per step
     seq_len: int = 320         # tokens per sequence (the end of longer answers is cut)
-    lr: float = 5e-4
+    lr: float = 1e-3
     steps: int = 0             # 0: as many as the time left allows
     eval_every: int = 25       # steps between held-out evaluations
     seed: int = 0

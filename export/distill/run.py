@@ -158,11 +158,12 @@ def train_draft(target_path: str | Path, out: str | Path, prompts_file: str | Pa
         say.stage("train draft", state.total_steps or 0, state.step)
         trainer.run(max(time.monotonic() + 1, deadline - EXPORT_RESERVE), ckpt, on_step)
 
-    # 3. the draft bundle
-    final = state.history[-1]
+    # 3. the draft bundle, with the weights of the best held-out evaluation
+    final = trainer.use_best()
     say.note(f"held-out greedy acceptance {state.history[0]['acceptance']:.3f} -> {final['acceptance']:.3f} "
-             f"after {state.step} steps; exporting")
-    info = {"layers": list(layers), "steps": state.step, "heldout_acceptance": round(final["acceptance"], 4),
+             f"(the weights of step {final['step']} of {state.step}, lowest held-out KL); exporting")
+    info = {"layers": list(layers), "steps": state.step, "exported_step": final["step"],
+            "heldout_acceptance": round(final["acceptance"], 4),
             "heldout_kl": round(final["heldout_kl"], 4), "answers": len(data), "answer_tokens": data.answer_tokens,
             "recipe": recipe.to_dict()}
     held = data.heldout.index(True)

@@ -80,6 +80,7 @@ class TrainState:
     total_steps: int = 0          # fixed once measured (the learning-rate schedule runs over it)
     seconds: float = 0.0          # training time so far, over every run of a resumed training
     history: list[dict] = field(default_factory=list)  # {"step", "loss", "heldout_kl", "acceptance"}
+    best: dict | None = None      # the evaluation with the lowest held-out KL (its weights: Trainer.best_weights)
 
 
 class Trainer:
@@ -97,6 +98,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=recipe.lr, betas=(0.9, 0.98), weight_decay=0.0)
         self.state = TrainState()
         self.rng = np.random.default_rng(recipe.seed)
+        self.best_weights: dict | None = None  # trained tensors at state.best (a few epochs overfit the small set)
 
     # ---- checkpoints ---------------------------------------------------------------------------------------------
     def save(self, path: Path) -> None:
@@ -105,7 +107,7 @@ class Trainer:
         from .model import trained_state
         torch.save({"model": trained_state(self.model), "optimizer": self.optimizer.state_dict(),
                     "state": self.state.__dict__, "rng": self.rng.bit_generator.state,
-                    "vocab_map": self.vocab_map}, tmp)
+                    "vocab_map": self.vocab_map, "best_weights": self.best_weights}, tmp)
         os.replace(tmp, path)
 
     def load(self, path: Path) -> None:
@@ -119,6 +121,20 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.state = TrainState(**ckpt["state"])
         self.rng.bit_generator.state = ckpt["rng"]
+        self.best_weights = ckpt.get("best_weights")
+
+    def _track_best(self, figures: dict) -> None:
+        """Keep the weights of the evaluation with the lowest held-out KL."""
+        from .model import trained_state
+        if self.state.best is None or figures["heldout_kl"] < self.state.best["heldout_kl"]:
+            self.state.best = {"step": self.state.step, **figures}
+            self.best_weights = {k: v.detach().clone() for k, v in trained_state(self.model).items()}
+
+    def use_best(self) -> dict:
+        """Load the best weights into the model (export them); returns their evaluation."""
+        if self.best_weights is not None:
+            self.model.load_state_dict(self.best_weights, strict=False)
+        return self.state.best or self.state.history[-1]
 
     # ---- evaluation ----------------------------------------------------------------------------------------------
     def evaluate(self, idx: list[int] | None = None) -> dict:
@@ -178,6 +194,7 @@ class Trainer:
         t_eval = time.monotonic()
         if not s.history:
             s.history.append({"step": 0, "loss": None, **self.evaluate()})
+            self._track_best(s.history[-1])
             if on_step:
                 on_step(s, s.history[-1])
         t_eval = time.monotonic() - t_eval  # 0 on resume: the estimate below then leaves evaluations out
@@ -201,6 +218,7 @@ class Trainer:
                 if s.step % r.eval_every == 0 or s.step == s.total_steps:
                     figures.update(self.evaluate())
                     s.history.append({"step": s.step, **figures})
+                    self._track_best(figures)
                 if on_step:
                     on_step(s, figures)
                 if time.monotonic() - saved > checkpoint_every:
@@ -213,5 +231,6 @@ class Trainer:
         if s.history[-1]["step"] != s.step:
             s.history.append({"step": s.step, "loss": float(np.mean(losses[-10:])) if losses else None,
                               **self.evaluate()})
+            self._track_best(s.history[-1])
         self.save(checkpoint)
         return s
