@@ -515,7 +515,8 @@ def _quant_api():
 
 @cli.command()
 @click.argument("bundle")
-@click.option("--recipe", required=True, help="cpu-int4, cpu-int8, auto (with --max-size), qnn-w8a16, qnn-w4a16.")
+@click.option("--recipe", required=True, help="cpu-int4, cpu-int4-fast, cpu-int8, auto (with --max-size), "
+                                              "qnn-w8a16, qnn-w4a16.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Bundle folder to write.")
 @click.option("--draft-recipe", default=None, help="Recipe for the bundle's float draft graph [the same; "
                                                    "cpu-int4 with auto].")
@@ -524,7 +525,8 @@ def _quant_api():
 @click.option("--block-size", type=int, default=None, help="Weights per quantization block, a power of 2 [32].")
 @click.option("--accuracy-level", type=int, default=None,
               help="MatMulNBits accuracy level: 4 computes with int8 activations (fastest), 0 in float [4].")
-@click.option("--max-size", default=None, metavar="SIZE", help="auto: the largest the bundle may be, e.g. 120MB.")
+@click.option("--max-size", default=None, metavar="SIZE",
+              help="auto: the largest the bundle may be, e.g. 100MB (powers of 1024).")
 @_fail_cleanly
 def quantize(bundle, recipe, output, draft_recipe, calibration, block_size, accuracy_level, max_size):
     """Quantize BUNDLE (a float bundle folder or card name) with RECIPE into -o; print its quality and speed
@@ -539,7 +541,7 @@ def quantize(bundle, recipe, output, draft_recipe, calibration, block_size, accu
         try:
             from quant.qnn import RECIPES as QNN_RECIPES
             if recipe in QNN_RECIPES:
-                if draft_recipe or block_size or accuracy_level is not None or max_size:
+                if any(v is not None for v in (draft_recipe, block_size, accuracy_level, max_size)):
                     raise click.ClickException(f"{recipe} takes only --calibration")
                 from quant.qnn import quantize_static_bundle
                 quantize_static_bundle(src, output, recipe, calibration=calibration, progress=bar.set_postfix_str)

@@ -30,7 +30,8 @@ def read_text(path: str | Path, what: str = "calibration") -> str:
     if "\x00" in text:
         raise InvalidArgumentError(f"the {what} file {path} is binary, not text; give a plain text file")
     if not text.strip():
-        raise InvalidArgumentError(f"the {what} file {path} is empty; give a few KB of text like what the model will read")
+        raise InvalidArgumentError(f"the {what} file {path} is empty; give a few KB of text like what the model "
+                                   "will read")
     return text
 
 

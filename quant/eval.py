@@ -136,9 +136,9 @@ def evaluate_many(models: list[str | Path], text: str, reference: str | Path | N
         raise InvalidArgumentError("the evaluation text is shorter than two tokens; give a longer text")
     for b in bundles:
         if ref is not None and ref.manifest.architecture.vocab_size != b.manifest.architecture.vocab_size:
-            raise InvalidArgumentError(f"reference {ref.path} has a vocabulary of {ref.manifest.architecture.vocab_size}"
-                                       f" tokens, {b.path} of {b.manifest.architecture.vocab_size}; "
-                                       "compare bundles of the same model")
+            raise InvalidArgumentError(f"reference {ref.path} has a vocabulary of "
+                                       f"{ref.manifest.architecture.vocab_size} tokens, {b.path} of "
+                                       f"{b.manifest.architecture.vocab_size}; compare bundles of the same model")
     context_needed = min(len(ids), 16) + decode_steps + 1
     everyone = engines + ([ref_engine] if ref_engine else [])
     if context_needed > min(e.context for e in everyone):

@@ -8,7 +8,6 @@ KL 0.73 (the tiny model's random weights make its logits far more fragile than a
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import onnx
@@ -93,8 +92,9 @@ def test_every_linear_and_the_embedding_are_quantized(quantized, tiny_bundle, re
     (reshape,) = [n for n in model.graph.node if n.output[0] == gbq.input[0]]
     assert reshape.input[0] == nbits["lm_head"].input[1]
     assert helper.get_attribute_value(next(a for a in gbq.attribute if a.name == "bits")) == bits["lm_head"]
-    floats2d = [t.name for t in model.graph.initializer
-                if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2 and t.name not in ("cos_cache", "sin_cache") and not t.name.endswith(".scales")]
+    allowed = ("cos_cache", "sin_cache")  # the rotary tables; block scales end in .scales
+    floats2d = [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2
+                and t.name not in allowed and not t.name.endswith(".scales")]
     assert floats2d == []
     m = Bundle.load(path).manifest  # checks every sha256
     assert m.graph("target").precision == report["precision"] == ("int8" if recipe == "cpu-int8" else "int4+int8")
@@ -126,7 +126,8 @@ def test_block_layout_is_what_matmulnbits_computes(bits, search):
                             block_size=32)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, k])],
                               [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 8
     x = rng.standard_normal((3, k)).astype(np.float32)
     (y,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
@@ -226,8 +227,10 @@ def test_float_draft_takes_the_draft_recipe(tiny_hf, tmp_path):
     assert m.graph("target").precision == "int8" and m.graph("draft").precision == "int4+int8"
     assert reports["draft"]["recipe"] == "cpu-int4"
     assert m.graph("draft").num_layers == 1
-    engine = Engine(bundle, draft="self")
-    assert engine.generate("hello", max_tokens=4) is not None
+    # the quantized pair: an INT8 target verifying an INT4 draft keeps the target's own greedy output
+    alone = Engine(bundle).generate("The capital of France", max_tokens=24, chat=False)
+    paired = Engine(bundle, draft="self").generate("The capital of France", max_tokens=24, chat=False)
+    assert paired == alone
 
 
 # ---- errors ---------------------------------------------------------------------------------------------------
