@@ -2,12 +2,25 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BundleError
 from .manifest import MANIFEST, GraphSpec, Manifest
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Move a finished bundle folder into place: a rename, so readers see the old bundle or the new, never half."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from edge_runtime.bundle import Bundle, sha256_file
+from edge_runtime.bundle import Bundle, publish, sha256_file
 from edge_runtime.cards import Card, get_card, looks_like_path
 from edge_runtime.errors import ExportError
 from edge_runtime.manifest import FORMAT_VERSION, Defaults, GraphSpec, Manifest, TokenIds
@@ -143,13 +143,7 @@ def export_bundle(source: str, out: Path, force: bool = False, progress: Progres
                                                                "verify_tolerance": tol,
                                                                "export_seconds": round(time.perf_counter() - t0, 1)}})
         manifest.write(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return Bundle.load(out)

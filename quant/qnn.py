@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from edge_runtime.bundle import Bundle, sha256_file
+from edge_runtime.bundle import Bundle, publish, sha256_file
 from edge_runtime.errors import QuantizationError
 from edge_runtime.manifest import Architecture, GraphSpec, Manifest
 
@@ -305,13 +305,7 @@ def quantize_static_bundle(bundle: str | Path | Bundle, out: str | Path, recipe:
                                                "calibration": str(calibration or "shipped corpus"),
                                                "weight_bits": bits}}
         Manifest(**{**m.__dict__, "graphs": graphs, "files": files, "source": source}).write(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return Bundle.load(out)
