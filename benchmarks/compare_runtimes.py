@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_vs_optimum import (CARD, _atomic_dir, bench_dir, bundle_dir, ensure_bundle,  # noqa: E402
-                               ensure_hf_folder, hf_dir)
+                               ensure_hf_folder, hf_dir, prompt_ids_of_bundle)
 
 PROMPT = "Write a short story about a robot who learns to paint. Keep it under two hundred words."
 PREPARE_TIMEOUT = 3600
@@ -130,21 +130,6 @@ def llamacpp_model() -> tuple[Path | None, str]:
     return fetch(get_card(CARD), quiet=True), "the card's GGUF"
 
 
-def prompt_ids() -> list[int]:
-    """The chat prompt as edge-runtime tokenizes it (tokenizer + template; no session)."""
-    from edge_runtime.bundle import Bundle
-    from edge_runtime.chat_template import CHATML, ChatTemplate
-    from edge_runtime.tokenizer import load_tokenizer
-
-    m = Bundle.load(bundle_dir(), verify=False).manifest
-    tok = load_tokenizer(bundle_dir() / m.tokenizer)
-    name = lambda i: None if i is None else tok.id_to_token(i)  # noqa: E731
-    template = ChatTemplate(m.chat_template or CHATML, bos_token=name(m.tokens.bos),
-                            eos_token=name(m.tokens.eos[0] if m.tokens.eos else None))
-    text = template.render([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
-    return tok.encode(text, add_special_tokens=False).ids
-
-
 def child_prepare(args) -> dict:
     ensure_bundle()
     ensure_hf_folder()
@@ -162,7 +147,7 @@ def child_prepare(args) -> dict:
         models[key], notes[key] = (str(path) if path else None), note
     versions = {"edge-rt": _have("edge_runtime"), "onnxruntime": _have("onnxruntime"),
                 "onnxruntime-genai": _have("onnxruntime_genai"), "llama.cpp": _have("llama_cpp")}
-    return {"prompt_ids": prompt_ids(), "models": models, "notes": notes, "versions": versions}
+    return {"prompt_ids": prompt_ids_of_bundle(PROMPT), "models": models, "notes": notes, "versions": versions}
 
 
 # ---- the runtimes (children) ---------------------------------------------------------------------------------------

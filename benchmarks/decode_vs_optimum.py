@@ -132,8 +132,8 @@ def ensure_optimum_export() -> float | None:
     return time.perf_counter() - t0
 
 
-def prompt_ids_of_bundle() -> list[int]:
-    """The chat prompt as edge-runtime tokenizes it (tokenizer + template only, no session)."""
+def prompt_ids_of_bundle(prompt: str = PROMPT) -> list[int]:
+    """A chat prompt as edge-runtime tokenizes it (tokenizer + template only, no session)."""
     from edge_runtime.bundle import Bundle
     from edge_runtime.chat_template import CHATML, ChatTemplate
     from edge_runtime.tokenizer import load_tokenizer
@@ -143,7 +143,7 @@ def prompt_ids_of_bundle() -> list[int]:
     name = lambda i: None if i is None else tok.id_to_token(i)  # noqa: E731
     template = ChatTemplate(m.chat_template or CHATML, bos_token=name(m.tokens.bos),
                             eos_token=name(m.tokens.eos[0] if m.tokens.eos else None))
-    text = template.render([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
+    text = template.render([{"role": "user", "content": prompt}], add_generation_prompt=True)
     return tok.encode(text, add_special_tokens=False).ids
 
 

@@ -20,6 +20,10 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3  # errors only: ORT's warnings are not the user's business
+    # Workers spin inside a run (fast hand-offs between a step's ~100 parallel sections) but stop at its end: a
+    # target and its draft run in turn, each with its own pool, and workers spinning on after a run take the
+    # cores from the other session (benchmarks/README.md, "threads").
+    so.add_session_config_entry("session.force_spinning_stop", "1")
     return so
 
 

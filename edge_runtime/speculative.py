@@ -47,12 +47,17 @@ def verify(logits: np.ndarray, drafts: list[int], q: np.ndarray | None, greedy: 
 
 
 class DraftLength:
-    """Chooses k each round from what it measures: per-token acceptance alpha, the draft's cost per token,
-    the target's cost for 1 position (t1) and the extra cost per verified position (slope).
+    """Chooses k each round from what it measures: the per-token acceptance alpha, the time of a plain round (t1)
+    and the extra time each drafted token adds to a round (t_draft).
 
-    Expected tokens from k drafts: E(k) = 1 + alpha + ... + alpha^k; time: k * t_draft + t1 * (1 + slope * k).
+    Both times are whole rounds - drafting, the verify call, sampling and the Python between them - so whatever a
+    draft costs (its own steps, the longer verify, overhead) lands in t_draft; a cost model of its parts
+    (draft steps + verify slope) missed ~30% and kept a draft that slowed SmolLM2's chat by 17%.
+    Expected tokens from k drafts: E(k) = 1 + alpha + ... + alpha^k; time: t1 + k * t_draft.
     It picks the k in {0} U [k_min, k_max] with the least time per token; k = 0 is a plain step, so a draft
-    that does not pay is switched off, and re-probed every `probe_every` rounds.
+    that does not pay is switched off, and re-probed every `probe_every` rounds. A gate on what the drafting rounds
+    actually delivered (tokens per second, decayed) switches it off too: the model above cannot see the rounds
+    where the draft was asked and proposed nothing (AdaEDL stopped it at once: its step was paid, no token came).
     """
 
     def __init__(self, k_min: int = 1, k_max: int = 4, adaptive: bool = True, probe_every: int = 16,
@@ -64,9 +69,10 @@ class DraftLength:
         self.probe_every, self.decay = probe_every, decay
         self.accepted = 1.0   # decayed counts: accepted drafts, rejections (prior: alpha = 0.5)
         self.rejected = 1.0
-        self.t1 = None        # seconds of a 1-position target call
-        self.t_draft = None   # seconds per drafted token
-        self.slope = 0.1      # verify(k+1) ~ t1 * (1 + slope * k)
+        self.t1 = None        # seconds of a plain round (one target position)
+        self.t_draft = None   # seconds one drafted token adds to a round
+        self.round_tokens = 0.0   # decayed sums over drafting rounds: tokens out (accepted + 1), seconds
+        self.round_seconds = 0.0
         self._plain_rounds = 0
 
     @property
@@ -76,31 +82,35 @@ class DraftLength:
     def expected_time(self, k: int) -> float:
         a = min(self.alpha, 0.999)
         tokens = (1 - a ** (k + 1)) / (1 - a)
-        return (k * (self.t_draft or 0.0) + self.t1 * (1 + self.slope * k)) / tokens
+        return (self.t1 + k * (self.t_draft or 0.0)) / tokens
 
     def next_k(self) -> int:
         if not self.adaptive:
             return self.k_max
         if self.t1 is None:
-            return 0  # measure a plain step first
+            return 0  # measure a plain round first
         best = min(range(self.k_min, self.k_max + 1), key=self.expected_time)
-        if self.expected_time(best) < self.t1:
+        delivered = self.round_seconds / self.round_tokens if self.round_tokens > 2 else 0.0  # s per token
+        if self.expected_time(best) < self.t1 and delivered < self.t1:
             return best
         self._plain_rounds += 1
         return self.k_min if self._plain_rounds % self.probe_every == 0 else 0
 
-    def record(self, proposed: int, accepted: int, draft_seconds: float, verify_seconds: float) -> None:
+    def record(self, asked: int, proposed: int, accepted: int, seconds: float) -> None:
+        """One round: k asked of the drafter, drafts it proposed (fewer when it stopped early), drafts accepted,
+        and the round's seconds (without one-off catch-ups of the draft's cache)."""
         d = self.decay
-        if proposed == 0:
-            self.t1 = verify_seconds if self.t1 is None else d * self.t1 + (1 - d) * verify_seconds
+        if asked == 0:
+            self.t1 = seconds if self.t1 is None else d * self.t1 + (1 - d) * seconds
             return
-        self.accepted = d * self.accepted + accepted
-        self.rejected = d * self.rejected + (1 if accepted < proposed else 0)
-        per_draft = draft_seconds / proposed
-        self.t_draft = per_draft if self.t_draft is None else d * self.t_draft + (1 - d) * per_draft
-        if self.t1:
-            slope = max(0.0, (verify_seconds / self.t1 - 1) / proposed)
-            self.slope = d * self.slope + (1 - d) * slope
+        if proposed:
+            self.accepted = d * self.accepted + accepted
+            self.rejected = d * self.rejected + (1 if accepted < proposed else 0)
+        self.round_tokens = d * self.round_tokens + accepted + 1
+        self.round_seconds = d * self.round_seconds + seconds
+        if self.t1 is not None:  # a round that proposed nothing still paid for asking
+            per_draft = max(0.0, seconds - self.t1) / max(proposed, 1)
+            self.t_draft = per_draft if self.t_draft is None else d * self.t_draft + (1 - d) * per_draft
 
 
 def speculative_steps(target: CachedDecoder, drafter, length: DraftLength, first_logits: np.ndarray,
@@ -118,11 +128,11 @@ def speculative_steps(target: CachedDecoder, drafter, length: DraftLength, first
         k = min(length.next_k(), target.kv.free - 1)
         t0 = time.perf_counter()
         drafts = drafter.propose(history, k, greedy=greedy, process=process, rng=rng) if k > 0 else []
-        t1 = time.perf_counter()
+        catchup = getattr(drafter, "catchup_seconds", 0.0) if k > 0 else 0.0
         logits = target.extend([token, *drafts], keep=len(drafts) + 1)
         accepted, token = verify(logits, drafts, drafter.q if drafts else None, greedy, process, rng)
         target.truncate(len(target.tokens) - (len(drafts) - accepted))
-        length.record(len(drafts), accepted, t1 - t0, time.perf_counter() - t1)
+        length.record(k, len(drafts), accepted, time.perf_counter() - t0 - catchup)
         stats.target_calls += 1
         stats.drafted_tokens += len(drafts)
         stats.accepted_tokens += accepted

@@ -114,25 +114,58 @@ def test_quantized_bundle_stays_close_to_float(quantized, tiny_bundle, recipe):
     assert engine.generate("hello", max_tokens=4) is not None
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("search", [False, True])
-def test_block_layout_is_what_matmulnbits_computes(bits, search):
-    rng = np.random.default_rng(bits)
-    k, n = 96, 40  # K not a multiple of the block: the padded last block
-    w = rng.standard_normal((k, n)).astype(np.float32)
-    q = G.quantize_blocks(w, bits, 32, importance=rng.random(k) if search else None, search=search)
-    inits = [numpy_helper.from_array(a, name) for a, name in ((q.packed, "B"), (q.scales, "S"), (q.zero_points, "Z"))]
-    node = helper.make_node("MatMulNBits", ["x", "B", "S", "Z"], ["y"], domain="com.microsoft", K=k, N=n, bits=bits,
-                            block_size=32)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, k])],
-                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], initializer=inits)
+def _one_node_model(node, inputs, inits):
+    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                              initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                     helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 8
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _block_inputs(q) -> tuple[list, list[str]]:
+    """Initializers B, S (, Z) and the input names MatMulNBits / GatherBlockQuantized take (no Z: symmetric)."""
+    arrays = [(q.packed, "B"), (q.scales, "S")] + ([] if q.zero_points is None else [(q.zero_points, "Z")])
+    return [numpy_helper.from_array(a, name) for a, name in arrays], [name for _, name in arrays]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("search", [False, True])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_block_layout_is_what_matmulnbits_computes(bits, search, symmetric):
+    rng = np.random.default_rng(bits)
+    k, n = 96, 40  # K not a multiple of the block: the padded last block
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    q = G.quantize_blocks(w, bits, 32, importance=rng.random(k) if search else None, search=search,
+                          symmetric=symmetric)
+    assert (q.zero_points is None) == symmetric
+    inits, names = _block_inputs(q)
+    node = helper.make_node("MatMulNBits", ["x", *names], ["y"], domain="com.microsoft", K=k, N=n, bits=bits,
+                            block_size=32)
+    session = _one_node_model(node, [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, k])], inits)
     x = rng.standard_normal((3, k)).astype(np.float32)
-    (y,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    (y,) = session.run(None, {"x": x})
     np.testing.assert_allclose(y, x @ q.dequantize(), atol=1e-4)
     assert np.abs(q.dequantize() - w).max() <= (0.6 if bits == 4 else 0.03) * np.abs(w).max()
+    assert q.nbytes == G.blocks_nbytes(k, n, bits, 32, symmetric=symmetric)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gather_reads_the_head_blocks_as_dequantized(bits, symmetric):
+    """A tied embedding looks its rows up in the LM head's bytes: GatherBlockQuantized must see the same numbers."""
+    rng = np.random.default_rng(7)
+    v, h = 50, 64
+    table = rng.standard_normal((v, h)).astype(np.float32)
+    q = G.quantize_blocks(table.T, bits, 32, symmetric=symmetric)  # the head as [K=h, N=v]
+    inits, names = _block_inputs(q)
+    inits[0] = numpy_helper.from_array(q.packed.reshape(v, -1), "B")
+    node = helper.make_node("GatherBlockQuantized", [names[0], "ids", *names[1:]], ["y"], domain="com.microsoft",
+                            bits=bits, block_size=32, gather_axis=0, quantize_axis=1)
+    session = _one_node_model(node, [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [None])], inits)
+    ids = np.array([0, 7, 49, 7], np.int64)
+    (y,) = session.run(None, {"ids": ids})
+    np.testing.assert_allclose(y, q.dequantize().T[ids], atol=1e-5)
 
 
 def test_untied_embedding_is_quantized_too(tiny_bundle, tmp_path):

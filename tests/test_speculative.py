@@ -194,14 +194,41 @@ def test_ngram_drafter_proposes_what_followed_the_last_match():
 def test_draft_length_backs_off_when_drafts_do_not_pay():
     length = DraftLength(1, 4)
     assert length.next_k() == 0  # measures a plain step first
-    length.record(0, 0, 0.0, 0.010)
+    length.record(0, 0, 0, 0.010)
     for _ in range(30):  # the draft costs half a target step and is never accepted
-        length.record(4, 0, 4 * 0.005, 0.012)
+        length.record(4, 4, 0, 0.010 + 4 * 0.005)
     ks = [length.next_k() for _ in range(32)]
     assert ks.count(0) >= 30 and max(ks) == 1  # off, with rare probes
     for _ in range(30):  # a cheap draft that is always accepted
-        length.record(4, 4, 4 * 0.0001, 0.011)
+        length.record(4, 4, 4, 0.010 + 4 * 0.0003)
     assert length.next_k() == 4
+
+
+def test_draft_length_goes_off_when_drafting_rounds_deliver_less_than_plain_ones():
+    """A draft that is right when it proposes, but most rounds stops before its first token (its step paid, no
+    token): the per-draft model looks good, the delivered tokens per second do not."""
+    length = DraftLength(1, 4)
+    length.record(0, 0, 0, 0.010)
+    for i in range(40):
+        if i % 4:
+            length.record(4, 0, 0, 0.014)            # asked, proposed nothing: 1 token in 1.4 plain rounds
+        else:
+            length.record(4, 1, 1, 0.010 + 0.005)    # proposed 1, accepted: 2 tokens in 1.5 rounds
+    assert [length.next_k() for _ in range(8)].count(0) == 8
+
+
+def test_draft_length_counts_what_a_draft_adds_to_the_whole_round():
+    """Accepted 80% of the time, but each draft adds 60% of a plain round (its steps, the longer verify, the
+    Python between): E(1) = 1.8 tokens for 1.6 rounds' time is a gain, so k >= 1; at 95% of a plain round per draft
+    no k pays and the draft goes off."""
+    length = DraftLength(1, 4)
+    length.record(0, 0, 0, 0.010)
+    for _ in range(40):
+        length.record(2, 2, 2 if _ % 5 else 1, 0.010 + 2 * 0.006)
+    assert length.next_k() >= 1
+    for _ in range(60):
+        length.record(2, 2, 2 if _ % 5 else 1, 0.010 + 2 * 0.0095)
+    assert [length.next_k() for _ in range(8)].count(0) == 8
 
 
 def test_draft_errors(tiny_bundle, tmp_path):
