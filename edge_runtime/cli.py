@@ -131,8 +131,8 @@ class _TrainProgress:
         self.bar.update(done - self.bar.n)
         self.bar.set_postfix({k: f"{v:.3g}" for k, v in figures.items() if isinstance(v, float)}, refresh=False)
         if "acceptance" in figures:
-            self.note(f"step {done}: held-out greedy acceptance {figures['acceptance']:.3f}, "
-                      f"KL {figures['heldout_kl']:.3f}")
+            self.note(f"step {done}: held-out greedy acceptance {figures['acceptance']:.3f} (first draft "
+                      f"{figures['top1']:.3f}), loss {figures['heldout_loss']:.3f}")
 
     def note(self, message: str) -> None:
         if self.bar is not None and not self.bar.disable:
@@ -208,9 +208,17 @@ def ep_options(fn):
                         help="Where the model runs: cpu, or qnn (the NPU; static bundles) [the bundle's own].")(fn)
 
 
-def _ep_kwargs(ep, ep_option) -> dict:
+def draft_ep_option(fn):
+    """--draft-ep: where a model draft runs; a QNN target with a CPU draft is a heterogeneous pair."""
+    return click.option("--draft-ep", type=click.Choice(["cpu", "qnn"]), default=None,
+                        help="Where a model draft runs: cpu, or qnn (a static draft bundle) [the draft graph's own; "
+                             "the target's for --draft target]. The none and ngram drafts run no model and "
+                             "ignore it.")(fn)
+
+
+def _ep_kwargs(ep, ep_option, draft_ep=None) -> dict:
     from .providers import parse_ep_options
-    return {"ep": ep, "ep_options": parse_ep_options(ep_option)}
+    return {"ep": ep, "ep_options": parse_ep_options(ep_option), "draft_ep": draft_ep}
 
 
 def memory_option(fn):
@@ -327,12 +335,13 @@ def compile_bundle(bundle, ep, soc, ep_option):
 @sampling_options
 @memory_option
 @ep_options
+@draft_ep_option
 @_fail_cleanly
 def generate(model, prompt, raw, max_tokens, temperature, top_k, top_p, seed, context, threads, stats, draft,
-             draft_min, draft_max, memory_budget, ep, ep_option):
+             draft_min, draft_max, memory_budget, ep, ep_option, draft_ep):
     """Answer one prompt, streaming the text to stdout."""
     engine = _engine(model, context, threads, draft, draft_min, draft_max, memory_budget=_budget(memory_budget),
-                     **_ep_kwargs(ep, ep_option))
+                     **_ep_kwargs(ep, ep_option, draft_ep))
     params, max_tokens = _resolve_sampling(engine, max_tokens, temperature, top_k, top_p, seed)
     ids = engine.encode(prompt) if raw else engine.chat_ids([{"role": "user", "content": prompt}])
     try:
@@ -353,15 +362,16 @@ def generate(model, prompt, raw, max_tokens, temperature, top_k, top_p, seed, co
 @sampling_options
 @memory_option
 @ep_options
+@draft_ep_option
 @_fail_cleanly
 def chat(model, system, train_draft, max_tokens, temperature, top_k, top_p, seed, context, threads, stats, draft,
-         draft_min, draft_max, memory_budget, ep, ep_option):
+         draft_min, draft_max, memory_budget, ep, ep_option, draft_ep):
     """Chat with MODEL. Reads one prompt per line when stdin is not a terminal."""
     from .chat import ChatSession
     if train_draft and draft not in (None, "trained"):
         raise click.ClickException(f"--train-draft speculates with the trained draft; it cannot go with --draft {draft}")
     engine = _engine(model, context, threads, draft, draft_min, draft_max, train_draft=train_draft,
-                     memory_budget=_budget(memory_budget), **_ep_kwargs(ep, ep_option))
+                     memory_budget=_budget(memory_budget), **_ep_kwargs(ep, ep_option, draft_ep))
     params, max_tokens = _resolve_sampling(engine, max_tokens, temperature, top_k, top_p, seed)
     session = ChatSession(engine, system=system, trim=True, on_notice=lambda msg: click.echo(msg, err=True))
     interactive = sys.stdin.isatty()
@@ -422,15 +432,19 @@ def chat(model, system, train_draft, max_tokens, temperature, top_k, top_p, seed
               help="Replace the prompt set with these (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @memory_option
+@ep_options
+@draft_ep_option
 @_fail_cleanly
-def bench(model, drafts, runs, max_tokens, draft_min, draft_max, context, threads, prompts, as_json, memory_budget):
+def bench(model, drafts, runs, max_tokens, draft_min, draft_max, context, threads, prompts, as_json, memory_budget,
+          ep, ep_option, draft_ep):
     """Target-only vs each draft kind, side by side, greedy, on a fixed prompt set (chat, summarize, copy, code)."""
     import json
 
     from . import bench as bench_mod
     if runs < 1 or max_tokens < 1:
         raise click.ClickException("--runs and --max-tokens must be at least 1")
-    engine = _engine(model, context, threads, "none", draft_min, draft_max, memory_budget=_budget(memory_budget))
+    engine = _engine(model, context, threads, "none", draft_min, draft_max, memory_budget=_budget(memory_budget),
+                     **_ep_kwargs(ep, ep_option, draft_ep))
     if not drafts:
         drafts = ("ngram", "self") if engine.manifest.graph("draft") else ("ngram",)
     prompt_set = bench_mod.PROMPTS
@@ -443,8 +457,9 @@ def bench(model, drafts, runs, max_tokens, draft_min, draft_max, context, thread
     if as_json:
         click.echo(json.dumps(bench_mod.as_json(rows), indent=1))
     else:
+        from .session import default_threads
         click.echo(f"{engine.manifest.name}: greedy, {max_tokens} new tokens, median of {runs} runs, "
-                   f"{engine.decoder.session.get_session_options().intra_op_num_threads} threads")
+                   f"{threads or default_threads()} threads, target on {engine.ep}")
         click.echo(bench_mod.format_table(rows))
 
 
@@ -540,22 +555,25 @@ def quantize(bundle, recipe, output, draft_recipe, calibration, block_size, accu
               disable=None) as bar:
         try:
             from quant.qnn import RECIPES as QNN_RECIPES
-            if recipe in QNN_RECIPES:
+            qnn = recipe in QNN_RECIPES
+            if qnn:
                 if any(v is not None for v in (draft_recipe, block_size, accuracy_level, max_size)):
                     raise click.ClickException(f"{recipe} takes only --calibration")
                 from quant.qnn import quantize_static_bundle
                 quantize_static_bundle(src, output, recipe, calibration=calibration, progress=bar.set_postfix_str)
-                click.echo(str(output))
-                return
-            quant.bundle.quantize_bundle(src, output, recipe, draft_recipe=draft_recipe, calibration=calibration,
-                                         progress=bar.set_postfix_str, block_size=block_size,
-                                         accuracy_level=accuracy_level, max_size=max_size)
+            else:
+                quant.bundle.quantize_bundle(src, output, recipe, draft_recipe=draft_recipe, calibration=calibration,
+                                             progress=bar.set_postfix_str, block_size=block_size,
+                                             accuracy_level=accuracy_level, max_size=max_size)
         except BaseException:
             bar.leave = False  # a failure ends with its one `Error:` line, not a stale status above it
             raise
+    # QNN bundles are scored on the CPU: their QDQ graphs as written (the NPU's logits match within ~3%,
+    # tests/test_qnn.py), since the HTP simulator is far too slow for a text
+    where = " on the CPU (the QDQ graphs as written)" if qnn else ""
     click.echo(f"bundle {output}: {recipe}, built in {time.perf_counter() - t0:.0f} s; "
-               "measuring it against the input", err=True)
-    report = quant.eval.evaluate(output, load_text(calibration), reference=src)
+               f"measuring it against the input{where}", err=True)
+    report = quant.eval.evaluate(output, load_text(calibration), reference=src, ep="cpu" if qnn else None)
     click.echo(report.table())
 
 

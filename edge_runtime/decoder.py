@@ -28,6 +28,11 @@ class Decoder:
         self._total = np.zeros((), np.int32)                      # total_sequence_length: pos + n
         self._keep = np.zeros((1,), np.int64)                     # logits_to_keep: k
         self._logits = np.zeros((1, max_logits, arch.vocab_size), np.float32)  # logits [1, k, vocab]
+        # features [capacity, H]: row t is the final-normed hidden state at position t (what an EAGLE draft reads),
+        # indexed like the KV cache, so a rewind is the same pointer move. Only for graphs that output it.
+        has_features = any(o.name == "hidden_states" for o in session.get_outputs())
+        self.features = np.zeros((capacity, arch.hidden_size), np.float32) if has_features else None
+        self._features_at = self.features.ctypes.data if has_features else 0  # address of row 0
         self._binding = session.io_binding()
         self._bind_static()
         self._shape = None  # (n, k) of the last binding of input_ids / logits
@@ -66,6 +71,9 @@ class Decoder:
             self._bind_ptr("input_ids", self._ids, (1, n))
             self._bind_ptr("logits", self._logits, (1, keep, self.arch.vocab_size), output=True)
             self._shape = (n, keep)
+        if self.features is not None:  # rows pos..pos+n-1 of the feature buffer
+            self._binding.bind_output("hidden_states", "cpu", 0, np.float32, [1, n, self.arch.hidden_size],
+                                      self._features_at + pos * self.arch.hidden_size * 4)
         self.session.run_with_iobinding(self._binding)
         self.kv.pos = pos + n
         return self._logits[0, :keep]

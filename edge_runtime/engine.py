@@ -20,8 +20,9 @@ from .decoder import Decoder
 from .detokenizer import StreamingDetokenizer
 from .errors import BundleError, ExecutionProviderError, InvalidArgumentError
 from .manifest import GraphSpec
-from .memory import check_memory
-from .drafters import ModelDrafter, NgramDrafter
+from .memory import check_memory, draft_graph
+from .drafters import EagleDrafter, ModelDrafter, NgramDrafter
+from .eagle import EagleModel
 from .sampling import SamplingParams, make_logits_processor, make_sampler
 from .speculative import DraftLength, speculative_steps
 from .providers import check_ep
@@ -83,6 +84,16 @@ def make_decoder(bundle: Bundle, spec: GraphSpec, context: int, threads: int | N
     raise BundleError(f"graph {spec.file} has kind {spec.kind!r}, which this runtime cannot run; upgrade edge-runtime")
 
 
+def draft_ep_for(draft: str, spec: GraphSpec, asked: str | None, target_ep: str) -> str:
+    """Where a model draft runs: `asked` (--draft-ep), else the target's EP for --draft target (the same graph),
+    else the draft graph's own EP. Dynamic-shape graphs run on the CPU only."""
+    ep = check_ep(asked or (target_ep if draft == "target" else spec.execution_provider))
+    if ep != "cpu" and spec.kind != "static":
+        raise ExecutionProviderError(f"draft {draft} is a dynamic-shape graph (kind {spec.kind!r}) that runs on the CPU "
+                                     f"only; pass --draft-ep cpu, or a draft exported with --target-ep {ep}")
+    return ep
+
+
 def check_draft_compatible(engine: Engine, draft: Bundle) -> None:
     """A separate draft must speak the target's vocabulary: same ids for the same strings, same stops."""
     from .tokenizer import load_tokenizer as load
@@ -127,8 +138,11 @@ class Engine:
 
     def __init__(self, bundle: Bundle, context: int | None = None, threads: int | None = None,
                  draft: str | None = None, draft_min: int = 1, draft_max: int = 4, adaptive: bool = True,
-                 memory_budget: int | None = None, ep: str | None = None, ep_options: dict[str, str] | None = None):
-        """ep: where the target runs, "cpu" or "qnn" [the graph's own]; ep_options: provider options (QNN)."""
+                 memory_budget: int | None = None, ep: str | None = None, ep_options: dict[str, str] | None = None,
+                 draft_ep: str | None = None):
+        """ep: where the target runs, "cpu" or "qnn" [the graph's own]; ep_options: provider options (QNN, for
+        the target and a draft on QNN); draft_ep: where a model draft runs [see draft_ep_for; ignored by the
+        model-free drafts none and ngram]. A QNN target with a CPU draft is a heterogeneous pair."""
         m = bundle.manifest
         self.bundle = bundle
         self.manifest = m
@@ -137,7 +151,11 @@ class Engine:
         if not 0 < context <= m.architecture.max_position_embeddings:
             raise InvalidArgumentError(
                 f"context {context} is out of range; this model takes 1..{m.architecture.max_position_embeddings}")
-        self.memory_plan = check_memory(bundle, context, memory_budget, draft, draft_max)  # before any allocation
+        self.ep = check_ep(ep or spec.execution_provider)
+        self.memory_plan = check_memory(bundle, context, memory_budget, draft, draft_max, self.ep,  # before any
+                                        draft_ep)                                               # allocation
+        if (found := draft_graph(bundle, draft)) is not None:  # an impossible --draft-ep fails before loading
+            draft_ep_for(draft, found[1], draft_ep, self.ep)
         if m.vocab_map is not None:
             raise BundleError(f"{bundle.path} is a draft with a reduced vocabulary; use it as --draft of "
                               f"{m.source.get('draft_of') or 'its target model'}")
@@ -148,18 +166,23 @@ class Engine:
         self.template = ChatTemplate(m.chat_template or CHATML, bos_token=self._token_text(m.tokens.bos),
                                      eos_token=self._token_text(m.tokens.eos[0] if m.tokens.eos else None))
         self.eos = frozenset(m.tokens.eos)
-        self.decoder = make_decoder(bundle, spec, context, threads, ep, ep_options)
+        self.decoder = make_decoder(bundle, spec, context, threads, self.ep, ep_options)
         self.target = CachedDecoder(self.decoder)
-        self._threads = threads
+        self._threads, self._ep_options = threads, ep_options
+        self.draft_ep = None if draft_ep is None else check_ep(draft_ep)
         self.set_draft(draft, draft_min, draft_max, adaptive)
         self.last_stats = GenerationStats()
 
-    def set_draft(self, draft: str | None, draft_min: int = 1, draft_max: int = 4, adaptive: bool = True) -> None:
-        """Switch the draft source (the target and its cache stay loaded)."""
+    def set_draft(self, draft: str | None, draft_min: int = 1, draft_max: int = 4, adaptive: bool = True,
+                  draft_ep: str | None = None) -> None:
+        """Switch the draft source (the target and its cache stay loaded). draft_ep: None keeps the engine's."""
         self.draft_length = DraftLength(draft_min, draft_max, adaptive)  # validates the range even with no draft
-        self.drafter = self._make_drafter(draft, self.context, self._threads, draft_max)
+        if draft_ep is not None:
+            self.draft_ep = check_ep(draft_ep)
+        self.drafter = self._make_drafter(draft, self.context, self._threads, draft_max, self.draft_ep)
 
-    def _make_drafter(self, draft: str | None, context: int, threads: int | None, draft_max: int):
+    def _make_drafter(self, draft: str | None, context: int, threads: int | None, draft_max: int,
+                      draft_ep: str | None = None):
         if draft in (None, "none"):
             return None
         if draft == "ngram":
@@ -178,8 +201,25 @@ class Engine:
             check_draft_compatible(self, bundle)
             spec = bundle.manifest.graph("target")
         vocab_map = load_vocab_map(bundle, m.architecture.vocab_size) if bundle is not self.bundle else None
-        decoder = make_decoder(bundle, spec, capacity, threads)
+        if spec.kind == "eagle":  # a one-layer draft on the target's features (eagle.py), on the CPU
+            model = EagleModel(create_session(bundle.file(spec.file), threads), bundle.manifest.architecture, capacity,
+                               getattr(self.decoder, "features", None), target_name=f"target bundle {self.bundle.path}")
+            return EagleDrafter(model, draft, draft_max, m.architecture.vocab_size, vocab_map=vocab_map)
+        ep = draft_ep_for(draft, spec, draft_ep, self.ep)
+        decoder = make_decoder(bundle, spec, self._draft_capacity(bundle, capacity, context), threads, ep,
+                               self._ep_options if ep != "cpu" else None)
         return ModelDrafter(CachedDecoder(decoder), draft, draft_max, m.architecture.vocab_size, vocab_map=vocab_map)
+
+    @staticmethod
+    def _draft_capacity(bundle: Bundle, capacity: int, context: int) -> int:
+        """The draft's cache: `capacity` (context + draft_max + 1) cut to the positions the draft holds (a static
+        graph's C). speculative_steps drafts at most target.kv.free - 1 tokens, so the draft never writes past slot
+        context - 1: `context` slots suffice."""
+        limit = bundle.manifest.architecture.max_position_embeddings
+        if limit < context:
+            raise InvalidArgumentError(f"draft {bundle.path} holds {limit} positions, fewer than the context {context}; "
+                                       f"pass --context {limit} or a draft exported for a longer context")
+        return min(capacity, limit)
 
     @classmethod
     def load(cls, model: str | Path, context: int | None = None, threads: int | None = None, **options) -> Engine:

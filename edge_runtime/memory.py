@@ -57,6 +57,10 @@ SESSION_FIXED = 4 * MiB           # graph, kernels, thread pool of one session b
 QUANT_PACK_FACTOR = 1.45          # quantized graphs: peak resident per byte on disk (SmolLM2 int4: 1.41, peak)
 ARENA_MARGIN = 2.0                # ONNX Runtime's arena rounds and keeps freed blocks: 16 MiB for 9.4 MiB of tensors
 SAMPLER_ROWS = 4                  # float64 [vocab] rows a sampling step may hold at once
+# Static (NPU) graphs: one session per variant (AR-1, AR-k, AR-N), each holding the shared weights file its own way.
+STATIC_QNN_FACTOR = 1.8           # QNN HTP: resident bytes per data byte and variant (SmolLM2 w8a16, C 256, 3
+                                  # variants + an INT4 CPU draft: 950 MB peak RSS; the simulator's own copies)
+STATIC_CPU_MARGIN = 1.35          # CPU EP: QDQ weights are folded to float32 per variant (2.1-2.3 GB measured)
 
 _DECODER = inspect.signature(Decoder.__init__).parameters
 DEFAULT_CHUNK = _DECODER["max_chunk"].default      # prefill chunk the Decoder runs (256)
@@ -229,7 +233,20 @@ def _weights(file_bytes: int, bits: int, tied_head_params: int) -> int:
     return int(QUANT_PACK_FACTOR * file_bytes) + int(1.5 * tied_head_params * bits / 8) + SESSION_FIXED
 
 
-def _graph_memory(bundle: Bundle, spec: GraphSpec, role: str, capacity: int, chunk: int) -> ModelMemory:
+def _static_weights(bundle: Bundle, spec: GraphSpec, file_bytes: int, ep: str | None) -> int:
+    """A static graph's variants (AR-1, AR-k, AR-N) are sessions of their own over one weights file: on QNN each
+    holds STATIC_QNN_FACTOR x the data, on the CPU each folds the QDQ weights to float32 (w8: 4x, w4: 8x)."""
+    variants = sum(1 for g in bundle.manifest.graphs if g.role == spec.role and g.kind == "static")
+    if (ep or spec.execution_provider) == "cpu":
+        bits = 4 if "w4" in spec.precision else 8 if "w8" in spec.precision else 32
+        per_variant = STATIC_CPU_MARGIN * file_bytes * 32 / bits
+    else:
+        per_variant = STATIC_QNN_FACTOR * file_bytes
+    return int(max(variants, 1) * per_variant) + SESSION_FIXED
+
+
+def _graph_memory(bundle: Bundle, spec: GraphSpec, role: str, capacity: int, chunk: int,
+                  ep: str | None = None) -> ModelMemory:
     a = bundle.manifest.architecture
     layers = spec.num_layers or a.num_layers
     try:
@@ -238,7 +255,10 @@ def _graph_memory(bundle: Bundle, spec: GraphSpec, role: str, capacity: int, chu
     except (OSError, TypeError) as e:
         raise BundleError(f"cannot size graph {spec.file} of {bundle.path} ({e}); re-export the bundle") from None
     bits = _bits(spec.precision)
-    weights = _weights(file_bytes, bits, a.vocab_size * a.hidden_size if a.tie_word_embeddings else 0)
+    if spec.kind == "static":
+        weights = _static_weights(bundle, spec, file_bytes, ep)
+    else:
+        weights = _weights(file_bytes, bits, a.vocab_size * a.hidden_size if a.tie_word_embeddings else 0)
     qkv = (a.num_heads + 2 * a.num_kv_heads) * a.head_dim
     chunk_activations = 4 * (4 * a.hidden_size + qkv + 4 * a.intermediate_size) * chunk
     logits = DEFAULT_LOGITS * a.vocab_size * 4 + SAMPLER_ROWS * a.vocab_size * 8
@@ -270,19 +290,23 @@ def draft_graph(bundle: Bundle, draft: Bundle | str | Path | None) -> tuple[Bund
 
 
 def plan_memory(bundle: Bundle, context: int | None = None, draft: Bundle | str | Path | None = None, *,
-                draft_max: int = 4, chunk: int = DEFAULT_CHUNK, budget: int | None = None) -> MemoryPlan:
-    """What loading `bundle` (and its draft) with `context` positions will hold, from the manifest and file sizes."""
+                draft_max: int = 4, chunk: int = DEFAULT_CHUNK, budget: int | None = None, ep: str | None = None,
+                draft_ep: str | None = None) -> MemoryPlan:
+    """What loading `bundle` (and its draft) with `context` positions will hold, from the manifest and file sizes.
+    ep / draft_ep: where the target / draft run [each graph's own]; static graphs hold more on the CPU."""
     m = bundle.manifest
     context = m.defaults.context if context is None else context
     if not 0 < context <= m.architecture.max_position_embeddings:
         raise InvalidArgumentError(
             f"context {context} is out of range; this model takes 1..{m.architecture.max_position_embeddings}")
-    target = _graph_memory(bundle, m.graph("target"), "target", context, chunk)
+    target = _graph_memory(bundle, m.graph("target"), "target", context, chunk, ep)
     draft_model, extra = None, 0
     if (found := draft_graph(bundle, draft)) is not None:
         extra = draft_max + 1  # the draft runs up to draft_max tokens past the target's write pointer
-        capacity = min(context + extra, m.architecture.max_position_embeddings)
-        draft_model = _graph_memory(*found, "draft", capacity, chunk)
+        # as the Engine allocates it: cut to the positions the draft holds (a static draft's C)
+        capacity = min(context + extra, m.architecture.max_position_embeddings,
+                       found[0].manifest.architecture.max_position_embeddings)
+        draft_model = _graph_memory(*found, "draft", capacity, chunk, draft_ep)
     try:
         tokenizer = bundle.file(m.tokenizer).stat().st_size
     except OSError:
@@ -313,10 +337,11 @@ def check_plan(plan: MemoryPlan) -> MemoryPlan:
 
 
 def check_memory(bundle: Bundle, context: int, budget: int | None = None, draft: str | Path | None = None,
-                 draft_max: int = 4) -> MemoryPlan:
+                 draft_max: int = 4, ep: str | None = None, draft_ep: str | None = None) -> MemoryPlan:
     """The Engine's check before it allocates: plan against `budget` (None: the machine's available memory)."""
     budget = default_budget() if budget is None else budget
-    return check_plan(plan_memory(bundle, context, draft, draft_max=draft_max, budget=budget))
+    return check_plan(plan_memory(bundle, context, draft, draft_max=draft_max, budget=budget, ep=ep,
+                                  draft_ep=draft_ep))
 
 
 def plan_table(plan: MemoryPlan, budget_note: str = "") -> str:

@@ -46,6 +46,9 @@ def verify(logits: np.ndarray, drafts: list[int], q: np.ndarray | None, greedy: 
     return len(drafts), int(np.argmax(bonus)) if greedy else draw(process(bonus), rng)
 
 
+PROBE_DECAY = 0.5
+
+
 class DraftLength:
     """Chooses k each round from what it measures: the per-token acceptance alpha, the time of a plain round (t1)
     and the extra time each drafted token adds to a round (t_draft).
@@ -74,6 +77,7 @@ class DraftLength:
         self.round_tokens = 0.0   # decayed sums over drafting rounds: tokens out (accepted + 1), seconds
         self.round_seconds = 0.0
         self._plain_rounds = 0
+        self._probing = False  # this round is a probe of a switched-off draft: it counts for more (PROBE_DECAY)
 
     @property
     def alpha(self) -> float:
@@ -94,12 +98,15 @@ class DraftLength:
         if self.expected_time(best) < self.t1 and delivered < self.t1:
             return best
         self._plain_rounds += 1
-        return self.k_min if self._plain_rounds % self.probe_every == 0 else 0
+        self._probing = self._plain_rounds % self.probe_every == 0
+        return self.k_min if self._probing else 0
 
     def record(self, asked: int, proposed: int, accepted: int, seconds: float) -> None:
         """One round: k asked of the drafter, drafts it proposed (fewer when it stopped early), drafts accepted,
         and the round's seconds (without one-off catch-ups of the draft's cache)."""
         d = self.decay
+        if asked and self._probing:  # one probe must be able to switch a draft back on (chat acceptance is bursty)
+            d, self._probing = min(d, PROBE_DECAY), False
         if asked == 0:
             self.t1 = seconds if self.t1 is None else d * self.t1 + (1 - d) * seconds
             return

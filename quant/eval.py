@@ -77,9 +77,10 @@ def compare(engines: list[Engine], ids: list[int]) -> tuple[list[float], float, 
         for e in engines:
             e.reset()
         for c in range(0, len(win) - 1, chunk_size):
-            chunk = win[c:c + chunk_size]
+            # the window's last token is only a target: feeding it would take slot `window`, one past the cache
+            chunk = win[c:min(c + chunk_size, len(win) - 1)]
             targets = np.asarray(win[c + 1:c + 1 + len(chunk)])
-            n = len(targets)  # the window's last token has no target
+            n = len(targets)
             logps = []
             for i, e in enumerate(engines):
                 logp = _log_softmax(e.target.extend(chunk, keep=len(chunk))[:n])
@@ -117,20 +118,21 @@ def decode_speed(engines: list[Engine], prompt: list[int], steps: int = DECODE_S
 
 
 def evaluate(model: str | Path, text: str, reference: str | Path | None = None, *, threads: int | None = None,
-             decode_steps: int = DECODE_STEPS) -> EvalReport:
-    """Perplexity of `model` on `text`; with a reference bundle also top-1 agreement and KL against it."""
-    return evaluate_many([model], text, reference, threads=threads, decode_steps=decode_steps)[0]
+             decode_steps: int = DECODE_STEPS, ep: str | None = None) -> EvalReport:
+    """Perplexity of `model` on `text`; with a reference bundle also top-1 agreement and KL against it.
+    ep: where both run [each graph's own]; "cpu" scores a QNN bundle's QDQ graphs as written, without the NPU."""
+    return evaluate_many([model], text, reference, threads=threads, decode_steps=decode_steps, ep=ep)[0]
 
 
 def evaluate_many(models: list[str | Path], text: str, reference: str | Path | None = None, *,
                   threads: int | None = None, decode_steps: int = DECODE_STEPS,
-                  rounds: int = DECODE_ROUNDS) -> list[EvalReport]:
+                  rounds: int = DECODE_ROUNDS, ep: str | None = None) -> list[EvalReport]:
     """evaluate() for several bundles against one reference, all loaded at once, so that decode speed is timed
     side by side (interleaved rounds over the reference and every model) in one process."""
     bundles = [Bundle.load(m) for m in models]
     ref = Bundle.load(reference) if reference is not None else None
-    engines = [Engine(b, threads=threads) for b in bundles]
-    ref_engine = Engine(ref, threads=threads) if ref is not None else None
+    engines = [Engine(b, threads=threads, ep=ep) for b in bundles]
+    ref_engine = Engine(ref, threads=threads, ep=ep) if ref is not None else None
     ids = engines[0].encode(text)
     if len(ids) < 2:
         raise InvalidArgumentError("the evaluation text is shorter than two tokens; give a longer text")

@@ -201,3 +201,18 @@ def test_cli_plan_says_when_it_does_not_fit(tiny_bundle):
 def test_kv_cache_allocation_uses_the_plan_dtype(tiny_bundle):
     engine = Engine(Bundle.load(tiny_bundle), context=32, memory_budget=BIG)
     assert engine.decoder.kv.data.dtype == np.float32 and engine.memory_plan.target.kv_dtype == "float32"
+
+
+def test_plan_counts_every_static_variant_session(static_bundle):
+    """AR-1 / AR-5 / AR-64 are three sessions over one weights file, each holding it; on the CPU each folds the
+    weights to float32 (the measured 2.1-2.3 GB of SmolLM2 w8a16 against 606 MB planned before this)."""
+    from edge_runtime.memory import STATIC_QNN_FACTOR
+    b = Bundle.load(static_bundle)
+    spec = b.manifest.graph("target")
+    variants = [g for g in b.manifest.graphs if g.role == "target"]
+    assert len(variants) == 3
+    data = sum(b.file(f).stat().st_size for f in (spec.file, *spec.data_files))
+    qnn = plan_memory(b, 32, ep="qnn").target.weights
+    cpu = plan_memory(b, 32, ep="cpu").target.weights
+    assert qnn == int(3 * STATIC_QNN_FACTOR * data) + SESSION_FIXED
+    assert cpu > 3 * data

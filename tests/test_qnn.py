@@ -119,10 +119,39 @@ def test_qnn_greedy_generation_equals_cpu_greedy_of_the_same_graphs(w8_bundle):
 
 def test_speculation_on_qnn_equals_target_only_greedy(w8_bundle):
     plain = ert.Engine.load(w8_bundle, ep="qnn")
-    spec = ert.Engine.load(w8_bundle, ep="qnn", draft="ngram")
+    spec = ert.Engine.load(w8_bundle, ep="qnn", draft="ngram", adaptive=False)  # draft every round, whatever it costs
     ids = plain.encode("the lazy dog. the lazy dog. the lazy")  # 24 tokens the n-gram drafter can match
     assert list(spec.generate_step(ids, max_tokens=32)) == list(plain.generate_step(ids, max_tokens=32))
     assert spec.last_stats.drafted_tokens > 0
+
+
+def test_heterogeneous_pair_qnn_target_cpu_draft_equals_the_qnn_target_alone(w8_bundle, tiny_bundle):
+    """The target on QNN HTP (static graphs, CPU fallback off), the draft on the CPU: the float GQA bundle of the
+    same tiny model, by path, on its own EP (the CPU) by default. Greedy tokens equal the QNN target alone's."""
+    plain = ert.Engine.load(w8_bundle, ep="qnn")
+    pair = ert.Engine.load(w8_bundle, ep="qnn", draft=str(tiny_bundle), draft_max=3, adaptive=False)
+    target, draft = pair.decoder, pair.drafter.model.decoder
+    assert all(v.session.get_providers()[0] == QNN_EP for v in target._variants)  # CPU EP listed, fallback off
+    assert draft.session.get_providers() == ["CPUExecutionProvider"]
+    assert draft.kv.capacity == target.kv.capacity == 64  # cut to the target's static C: never written past it
+    pair.drafter.threshold = 0.0  # the random tiny model is unsure of everything: draft anyway
+    plan = pair.memory_plan  # the plan sizes both caches as allocated
+    assert plan.draft.capacity == 64 and plan.kv_bytes == target.kv.nbytes + draft.kv.nbytes
+    ids = plain.encode(SHORT)
+    assert list(pair.generate_step(ids, max_tokens=10)) == list(plain.generate_step(ids, max_tokens=10))
+    assert pair.last_stats.accepted_tokens > 0  # float draft vs its w8a16 target: most drafts are accepted
+
+
+def test_draft_ep_qnn_runs_a_static_draft_and_refuses_a_dynamic_one(w8_bundle, tiny_bundle):
+    engine = ert.Engine.load(w8_bundle, ep="cpu", draft="target", draft_ep="qnn", draft_max=2, adaptive=False)
+    assert all(v.session.get_providers()[0] == QNN_EP for v in engine.drafter.model.decoder._variants)
+    engine.drafter.threshold = 0.0
+    ids = engine.encode(SHORT)
+    assert list(engine.generate_step(ids, max_tokens=4)) == list(ert.Engine.load(w8_bundle, ep="cpu").generate_step(
+        ids, max_tokens=4))
+    with pytest.raises(ExecutionProviderError, match="dynamic-shape graph .* --draft-ep cpu"):
+        ert.Engine.load(w8_bundle, ep="qnn", draft=str(tiny_bundle), draft_ep="qnn")
+    assert ert.Engine.load(tiny_bundle, draft="ngram", draft_ep="qnn").drafter.name == "ngram"  # runs no model
 
 
 def test_quantized_graphs_agree_with_the_float_graphs(static_bundle, w8_bundle):
@@ -231,7 +260,20 @@ def test_quantize_refuses_what_it_cannot_do(static_bundle, w8_bundle, tiny_bundl
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp folders left behind
 
 
-def test_cli_generate_on_qnn_and_info(w8_bundle):
+def test_cli_quantize_qnn_prints_the_quality_table(static_bundle, tmp_path):
+    """Like the CPU recipes: perplexity, top-1 and KL against the float static bundle, scored on the CPU."""
+    from edge_runtime.cli import cli
+    result = CliRunner().invoke(cli, ["quantize", str(static_bundle), "--recipe", "qnn-w8a16", "-o",
+                                      str(tmp_path / "w8")])
+    assert result.exit_code == 0, result.output
+    header, _, _, w8 = result.stdout.splitlines()[:4]
+    assert "ppl" in header and "top-1" in header and "KL" in header
+    cells = w8.split()  # name, precision, size (2 cells), size %, ppl, ppl +%, top-1, KL, tok/s, speed
+    assert cells[:2] == ["w8", "w8a16"] and float(cells[-4].rstrip("%")) >= 100 * MIN_TOP1_AGREEMENT_W8
+    assert "on the CPU" in result.stderr
+
+
+def test_cli_generate_on_qnn_and_info(w8_bundle, tiny_bundle):
     from edge_runtime.cli import cli
     runner = CliRunner()
     engine = ert.Engine.load(w8_bundle, ep="qnn")
@@ -242,5 +284,9 @@ def test_cli_generate_on_qnn_and_info(w8_bundle):
     assert result.stdout.rstrip("\n") == want
     bad = runner.invoke(cli, ["generate", str(w8_bundle), "-p", "hi", "--ep", "qnn", "--ep-option", "burst"])
     assert bad.exit_code == 1 and bad.output.count("\n") == 1 and "KEY=VALUE" in bad.output
+    pair = runner.invoke(cli, ["generate", str(w8_bundle), "-p", "hi", "--ep", "qnn", "--draft", str(tiny_bundle),
+                               "--draft-ep", "qnn"])  # a dynamic-shape CPU draft cannot run on the NPU
+    assert pair.exit_code == 1 and pair.output.count("\n") == 1 and pair.output.startswith("Error: draft ")
+    assert "--draft-ep cpu" in pair.output
     info = runner.invoke(cli, ["info"])
     assert "QNN: available" in info.output and "HTP backend" in info.output

@@ -74,3 +74,22 @@ def test_speculative_greedy_output_equals_target_only(home):
         assert list(spec.generate_step(ids, max_tokens=128)) == list(base.generate_step(ids, max_tokens=128))
         drafted += spec.last_stats.drafted_tokens
     assert drafted > 0
+
+
+def test_self_draft_greedy_output_equals_target_only(home, tmp_path):
+    """The float32 target with its own INT4 self-draft (cpu-int4-fast: seconds to build) on SmolLM2."""
+    if not (home / "bundles" / "smollm2-135m").exists():
+        pytest.skip("needs the bundle built by the first test")
+    out = tmp_path / "smol-self"
+    done = _edge_rt(home, "export", "smollm2-135m", "-o", str(out), "--draft", "self:cpu-int4-fast")
+    assert done.returncode == 0, done.stderr[-2000:]
+    from edge_runtime import Engine
+    from edge_runtime.bench import PROMPTS
+    base = Engine.load(out)
+    spec = Engine.load(out, draft="self", draft_max=4, adaptive=False)
+    accepted = 0
+    for name in ("chat", "code"):
+        ids = base.chat_ids([{"role": "user", "content": PROMPTS[name]}])
+        assert list(spec.generate_step(ids, max_tokens=128)) == list(base.generate_step(ids, max_tokens=128))
+        accepted += spec.last_stats.accepted_tokens
+    assert accepted > 64  # the INT4 copy agrees with its float target most of the time

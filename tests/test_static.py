@@ -134,3 +134,16 @@ def test_static_manifest_without_shapes_is_refused(static_bundle, tmp_path):
     (bad / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(BundleError, match="static_shapes"):
         ert.Engine.load(bad, ep="cpu")
+
+
+def test_eval_scores_a_text_longer_than_the_static_context(static_bundle, tiny_bundle):
+    """quant.eval.compare() over windows of C = 64 in chunks of 5 (the AR-5 logits): 64 is no multiple of 5, and
+    a full window must not feed its last token (only a target), or it would run past the cache. Scores match the
+    float GQA graph's over the same windows."""
+    from quant.eval import compare
+    static = ert.Engine(Bundle.load(static_bundle), ep="cpu")
+    gqa = ert.Engine(Bundle.load(tiny_bundle), context=CONTEXT)
+    ids = static.encode(PROMPT * 8)[:150]  # two full windows and a part
+    nll, kl, agree, positions = compare([static, gqa], ids)
+    assert positions == len(ids) - 1
+    assert agree == positions and kl < 1e-3 * positions and abs(nll[0] - nll[1]) < 1e-3 * nll[1]

@@ -1,5 +1,7 @@
-"""The self-distillation set: the target answers prompts through edge-runtime's own Engine, and for every answer
-token we keep the target's `top_k` most likely tokens and their log-probabilities (temperature 1).
+"""The self-distillation set: the target answers prompts through edge-runtime's own Engine, and we keep its features
+(the final-normed hidden state at every position, float16: what an EAGLE draft reads and predicts) and, for every
+answer token, the target's `top_k` most likely tokens and their log-probabilities (temperature 1; they choose the
+draft's vocabulary).
 
     plan = prompt_plan(prompts, recipe)             # held-out prompts first (answered greedily), then the rest
     data = DistillSet.load(path) or DistillSet(top_k)
@@ -8,6 +10,7 @@ token we keep the target's `top_k` most likely tokens and their log-probabilitie
 Layout: sequence i is tokens[starts[i]:starts[i+1]] (chat prompt then answer); its answer starts at prompt_len[i].
 Row r of top_ids/top_logp is the target's distribution for one answer token: sequence i owns rows
 row_starts[i]..row_starts[i+1]-1, row j predicting token prompt_len[i] + j from the position before it.
+features[i] [len - 1, H]: the target's feature at positions 0..len-2 (the last token never ran).
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import numpy as np
 from edge_runtime.engine import Engine
 from edge_runtime.sampling import SamplingParams, make_sampler
 
+from .clock import now
 from .recipe import Recipe
 
 
@@ -35,6 +39,7 @@ class DistillSet:
     heldout: list[bool] = field(default_factory=list)
     top_ids: list[np.ndarray] = field(default_factory=list)   # int32 [answer len, k]
     top_logp: list[np.ndarray] = field(default_factory=list)  # float16 [answer len, k]
+    features: list[np.ndarray] = field(default_factory=list)  # float16 [len - 1, H]
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -43,7 +48,9 @@ class DistillSet:
     def answer_tokens(self) -> int:
         return sum(len(t) for t in self.top_ids)
 
-    def add(self, seq: list[int], prompt_len: int, heldout: bool, ids: np.ndarray, logp: np.ndarray) -> None:
+    def add(self, seq: list[int], prompt_len: int, heldout: bool, ids: np.ndarray, logp: np.ndarray,
+            features: np.ndarray) -> None:
+        self.features.append(features.astype(np.float16))
         self.seqs.append(np.asarray(seq, np.int32))
         self.prompt_lens.append(prompt_len)
         self.heldout.append(heldout)
@@ -53,8 +60,9 @@ class DistillSet:
     def save(self, path: Path) -> None:
         """One .npz, written to a temp name and renamed."""
         # whole answers only, should an interrupt have landed inside add()
-        n = min(len(self.seqs), len(self.prompt_lens), len(self.heldout), len(self.top_ids), len(self.top_logp))
-        seqs, top_ids, top_logp = self.seqs[:n], self.top_ids[:n], self.top_logp[:n]
+        n = min(len(self.seqs), len(self.prompt_lens), len(self.heldout), len(self.top_ids), len(self.top_logp),
+                len(self.features))
+        seqs, top_ids, top_logp, feats = self.seqs[:n], self.top_ids[:n], self.top_logp[:n], self.features[:n]
         k = self.top_k
         tmp = path.with_name(f".{path.name}.tmp.npz")
         np.savez(tmp, top_k=k, done=self.done, skipped=self.skipped,
@@ -62,18 +70,24 @@ class DistillSet:
                  starts=np.cumsum([0, *map(len, seqs)]), prompt_len=np.asarray(self.prompt_lens[:n], np.int32),
                  heldout=np.asarray(self.heldout[:n], bool), row_starts=np.cumsum([0, *map(len, top_ids)]),
                  top_ids=np.concatenate(top_ids) if top_ids else np.zeros((0, k), np.int32),
-                 top_logp=np.concatenate(top_logp) if top_logp else np.zeros((0, k), np.float16))
+                 top_logp=np.concatenate(top_logp) if top_logp else np.zeros((0, k), np.float16),
+                 features=np.concatenate(feats) if feats else np.zeros((0, 0), np.float16))
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: Path) -> DistillSet:
         z = np.load(path, allow_pickle=False)
+        if "features" not in z.files:
+            from edge_runtime.errors import DraftTrainingError
+            raise DraftTrainingError(f"{path} was written before drafts read the target's features; delete "
+                                     f"{path.parent} and start again")
         s, r = z["starts"], z["row_starts"]
         n = len(z["prompt_len"])
         return cls(top_k=int(z["top_k"]), done=int(z["done"]), skipped=int(z["skipped"]),
                    seqs=[z["tokens"][s[i]:s[i + 1]] for i in range(n)], prompt_lens=[int(x) for x in z["prompt_len"]],
                    heldout=[bool(x) for x in z["heldout"]], top_ids=[z["top_ids"][r[i]:r[i + 1]] for i in range(n)],
-                   top_logp=[z["top_logp"][r[i]:r[i + 1]] for i in range(n)])
+                   top_logp=[z["top_logp"][r[i]:r[i + 1]] for i in range(n)],
+                   features=[z["features"][s[i] - i:s[i + 1] - i - 1] for i in range(n)])
 
 
 def prompt_plan(prompts: list[str], recipe: Recipe) -> list[tuple[str, bool]]:
@@ -96,9 +110,10 @@ def top_k_logprobs(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def answer(engine: Engine, prompt_ids: list[int], sampling: SamplingParams, max_tokens: int,
-           top_k: int) -> tuple[list[int], np.ndarray, np.ndarray]:
-    """The target's answer (ending with its end-of-sequence token when it stops) and, per answer token, the top-k
-    of the distribution it was drawn from. One target call per token, through the runtime's cached decoder."""
+           top_k: int) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
+    """The target's answer (ending with its end-of-sequence token when it stops), per answer token the top-k
+    of the distribution it was drawn from, and the features [prompt + answer - 1, H] (a view into the decoder's
+    buffer). One target call per token, through the runtime's cached decoder."""
     sample = make_sampler(sampling)
     logits, _ = engine.target.sync(prompt_ids)
     tokens, ids, logp = [], np.zeros((max_tokens, top_k), np.int32), np.zeros((max_tokens, top_k))
@@ -111,7 +126,7 @@ def answer(engine: Engine, prompt_ids: list[int], sampling: SamplingParams, max_
             break
         logits = engine.target.extend((token,))
     n = len(tokens)
-    return tokens, ids[:n], logp[:n]
+    return tokens, ids[:n], logp[:n], engine.decoder.features[:len(prompt_ids) + n - 1]
 
 
 Progress = Callable[[int, dict], None]  # (prompts done, figures) after each prompt
@@ -119,14 +134,14 @@ Progress = Callable[[int, dict], None]  # (prompts done, figures) after each pro
 
 def answer_prompts(engine: Engine, plan: list[tuple[str, bool]], recipe: Recipe, data: DistillSet,
                    stop_at: float, path: Path, progress: Progress | None = None, save_every: float = 30.0) -> None:
-    """Answer plan[data.done:] until done or time.monotonic() passes stop_at (held-out prompts are always answered),
+    """Answer plan[data.done:] until done or now() passes stop_at (held-out prompts are always answered),
     saving `data` to `path` every `save_every` seconds and at the end."""
-    saved = time.monotonic()
+    saved = now()
     t0, tokens0 = time.perf_counter(), data.answer_tokens
     try:
         for j in range(data.done, len(plan)):
             prompt, heldout = plan[j]
-            if not heldout and time.monotonic() > stop_at:
+            if not heldout and now() > stop_at:
                 break
             ids = engine.chat_ids([{"role": "user", "content": prompt}])
             if len(ids) + recipe.max_tokens > engine.context:
@@ -135,12 +150,12 @@ def answer_prompts(engine: Engine, plan: list[tuple[str, bool]], recipe: Recipe,
                 # held-out answers are greedy (what greedy speculation meets); training answers are sampled
                 sampling = SamplingParams() if heldout else SamplingParams(temperature=recipe.temperature,
                                                                            seed=recipe.seed * 100003 + j)
-                tokens, top_ids, top_logp = answer(engine, ids, sampling, recipe.max_tokens, recipe.top_k)
-                data.add([*ids, *tokens], len(ids), heldout, top_ids, top_logp)  # one prompt: all or nothing
+                tokens, top_ids, top_logp, feats = answer(engine, ids, sampling, recipe.max_tokens, recipe.top_k)
+                data.add([*ids, *tokens], len(ids), heldout, top_ids, top_logp, feats)  # one prompt: all or nothing
             data.done = j + 1
-            if time.monotonic() - saved > save_every:
+            if now() - saved > save_every:
                 data.save(path)
-                saved = time.monotonic()
+                saved = now()
             if progress:
                 elapsed = time.perf_counter() - t0
                 progress(data.done, {"tokens": data.answer_tokens,

@@ -12,9 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+
 from edge_runtime.bundle import Bundle
 from edge_runtime.errors import DraftTrainingError
 
+from .clock import now
 from .recipe import Recipe, load_prompts, write_json
 
 # torch's OpenMP threads spin while waiting; on a machine shared with other jobs that made 2 threads 2x slower than
@@ -82,6 +85,14 @@ def _start(work: Path, resume: bool, prompts_file, settings: Recipe) -> tuple[Re
     return settings, prompts
 
 
+def _one_layer(recipe: Recipe, target: Bundle) -> int:
+    layers = recipe.layer_ids(target.manifest.architecture.num_layers)
+    if len(layers) != 1:
+        raise DraftTrainingError(f"layers={recipe.layers!r}: the EAGLE draft has one layer; give the one target layer "
+                                 "it starts from, e.g. -1")
+    return layers[0]
+
+
 def train_draft(target_path: str | Path, out: str | Path, prompts_file: str | Path | None = None,
                 minutes: float = 30.0, resume: bool = False, recipe: Recipe = Recipe(),
                 progress: Progress | None = None) -> Result:
@@ -89,7 +100,7 @@ def train_draft(target_path: str | Path, out: str | Path, prompts_file: str | Pa
 
     On resume the recipe and prompts are the saved ones; generation continues where it stopped, then training
     continues from the checkpoint's step."""
-    t_start = time.monotonic()
+    t_start = now()
     deadline = t_start + minutes * 60
     say = progress or _Quiet()
     out = Path(out)
@@ -106,10 +117,10 @@ def train_draft(target_path: str | Path, out: str | Path, prompts_file: str | Pa
     if not resume:
         load_prompts(prompts_file)  # a bad prompt file fails before anything is created
     from .model import build_draft, check_target, choose_vocab, export_draft
-    layers = recipe.layer_ids(target.manifest.architecture.num_layers)
-    check_target(target, layers)
+    layer = _one_layer(recipe, target)
+    check_target(target, layer)
     recipe, prompts = _start(work, resume, prompts_file, recipe)
-    layers = recipe.layer_ids(target.manifest.architecture.num_layers)
+    layer = _one_layer(recipe, target)
 
     # 1. the self-distillation set, through the runtime
     from edge_runtime.engine import Engine
@@ -141,7 +152,7 @@ def train_draft(target_path: str | Path, out: str | Path, prompts_file: str | Pa
         vocab_map = torch.load(ckpt, weights_only=False)["vocab_map"]
     else:
         vocab_map = choose_vocab(data, recipe.vocab, arch.vocab_size, tuple(target.manifest.tokens.eos))
-    model = build_draft(target, layers, vocab_map)
+    model = build_draft(target, layer, vocab_map)
     trainer = Trainer(model, data, vocab_map, arch.vocab_size, recipe)
     if ckpt.is_file():
         trainer.load(ckpt)
@@ -156,18 +167,21 @@ def train_draft(target_path: str | Path, out: str | Path, prompts_file: str | Pa
 
     if not (state.total_steps and state.step >= state.total_steps):
         say.stage("train draft", state.total_steps or 0, state.step)
-        trainer.run(max(time.monotonic() + 1, deadline - EXPORT_RESERVE), ckpt, on_step)
+        trainer.run(max(now() + 1, deadline - EXPORT_RESERVE), ckpt, on_step)
 
     # 3. the draft bundle, with the weights of the best held-out evaluation
     final = trainer.use_best()
     say.note(f"held-out greedy acceptance {state.history[0]['acceptance']:.3f} -> {final['acceptance']:.3f} "
-             f"(the weights of step {final['step']} of {state.step}, lowest held-out KL); exporting")
-    info = {"layers": list(layers), "steps": state.step, "exported_step": final["step"],
-            "heldout_acceptance": round(final["acceptance"], 4),
-            "heldout_kl": round(final["heldout_kl"], 4), "answers": len(data), "answer_tokens": data.answer_tokens,
+             f"(replayed with {recipe.eval_k} drafts per round; the weights of step {final['step']} of {state.step}); "
+             "exporting")
+    info = {"architecture": "eagle", "init_layer": layer, "steps": state.step, "exported_step": final["step"],
+            "heldout_acceptance": round(final["acceptance"], 4), "heldout_top1": round(final["top1"], 4),
+            "heldout_loss": round(final["heldout_loss"], 4), "answers": len(data), "answer_tokens": data.answer_tokens,
             "recipe": recipe.to_dict()}
     held = data.heldout.index(True)
-    bundle = export_draft(model, vocab_map, target, out, info, probe=data.seqs[held][:32].tolist())
+    n = min(32, len(data.seqs[held]) - 1)
+    bundle = export_draft(model, vocab_map, target, out, info, probe=data.seqs[held][1:n + 1].tolist(),
+                          probe_features=data.features[held][:n].astype(np.float32))
     return Result(bundle=bundle, work=work, answers=len(data), answer_tokens=data.answer_tokens, steps=state.step,
                   initial=state.history[0], final=final, draft_bytes=_weights_bytes(bundle),
-                  target_bytes=_weights_bytes(target), seconds=time.monotonic() - t_start)
+                  target_bytes=_weights_bytes(target), seconds=now() - t_start)
