@@ -170,10 +170,15 @@ def _sampling(temperature, top_k, top_p, seed):
     return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
 
 
+def _rate(tps: float) -> str:
+    """Tokens/s with the digits that matter: 48.6, or 0.0812 on the NPU simulator."""
+    return f"{tps:.1f}" if tps >= 1 or tps == 0 else f"{tps:.3g}"
+
+
 def _print_stats(engine) -> None:
     stats = engine.last_stats
-    click.echo(f"prompt: {stats.prompt_tokens} tokens ({stats.prefilled_tokens} run), {stats.prefill_tps:.1f} tok/s | "
-               f"decode: {stats.generated_tokens} tokens, {stats.decode_tps:.1f} tok/s | "
+    click.echo(f"prompt: {stats.prompt_tokens} tokens ({stats.prefilled_tokens} run), {_rate(stats.prefill_tps)} tok/s | "
+               f"decode: {stats.generated_tokens} tokens, {_rate(stats.decode_tps)} tok/s | "
                f"finish: {stats.finish_reason}", err=True)
     if engine.drafter is not None:
         click.echo(f"speculation ({engine.drafter.name}): acceptance {stats.acceptance_rate:.2f}, {stats.mean_accepted:.2f} accepted per "
