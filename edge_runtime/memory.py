@@ -268,7 +268,9 @@ def _graph_memory(bundle: Bundle, spec: GraphSpec, role: str, capacity: int, chu
         kv_bytes_per_token=KVCache.bytes_per_token(layers, a.num_kv_heads, a.head_dim, kv_dtype),
         capacity=capacity,
         workspace_fixed=logits + int(ARENA_MARGIN * chunk_activations),
-        workspace_per_position=4 * chunk,  # one fp32 score row per cached position
+        # one fp32 score row per cached position; a dynamic graph's decoder also keeps the final hidden state of
+        # every position (the features an EAGLE draft reads; bundles exported before it: 4 bytes x H too many)
+        workspace_per_position=4 * chunk + (4 * a.hidden_size if spec.kind == "gqa" else 0),
     )
 
 
