@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_vs_optimum import (CARD, _atomic_dir, bench_dir, bundle_dir, ensure_bundle,  # noqa: E402
-                               ensure_hf_folder, hf_dir, prompt_ids_of_bundle)
+                               add_run_args, ensure_hf_folder, hf_dir, prompt_ids_of_bundle)
 
 PROMPT = "Write a short story about a robot who learns to paint. Keep it under two hundred words."
 PREPARE_TIMEOUT = 3600
@@ -339,15 +339,11 @@ def print_table(rep: dict) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--precision", nargs="+", choices=["fp32", "int4"], default=["fp32", "int4"])
-    p.add_argument("--runs", type=int, default=3, help="child processes per row, interleaved (default 3)")
-    p.add_argument("--new-tokens", type=int, default=128, help="greedy tokens generated per run (default 128)")
-    p.add_argument("--threads", type=int, default=2, help="intra-op threads for every runtime (default 2)")
+    add_run_args(p)
     p.add_argument("--context", type=int, default=2048, help="KV cache positions for every runtime (default 2048)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed 8-token generations per child (default 1)")
     p.add_argument("--genai-builder-python", default=str(default_builder_python()),
                    help="python that runs onnxruntime-genai's model builder (needs transformers 5)")
     p.add_argument("--ours-int4", default=None, help="an int4 edge-rt bundle to use instead of quantizing one")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--child", choices=["prepare", *CHILDREN], help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--prompt-ids", help=argparse.SUPPRESS)

@@ -340,14 +340,19 @@ def print_table(rep: dict) -> None:
               if hf is not None else f"one-time optimum export: {rep['optimum_export_seconds']:.1f} s")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--runs", type=int, default=3, help="child processes per runtime, interleaved (default 3)")
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """The options every side-by-side benchmark here takes (compare_runtimes.py too)."""
+    p.add_argument("--runs", type=int, default=3, help="child processes per row, interleaved (default 3)")
     p.add_argument("--new-tokens", type=int, default=128, help="greedy tokens generated per run (default 128)")
-    p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default 2)")
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads for every runtime (default 2)")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed short generations (8 tokens) in each child before the timed one (default 1)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_run_args(p)
     p.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     p.add_argument("--prompt-ids", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -79,10 +79,15 @@ class Decoder:
         return self._logits[0, :keep]
 
     def prefill(self, ids: Sequence[int], keep: int = 1) -> np.ndarray:
-        """Feed any number of tokens in chunks of max_chunk; logits of the last `keep` (keep <= last chunk)."""
-        self.kv.reserve(len(ids))
-        logits = None
-        for start in range(0, len(ids), self.max_chunk):
-            chunk = ids[start:start + self.max_chunk]
-            logits = self.forward(chunk, keep=min(keep, len(chunk)))
-        return logits
+        return prefill_in_chunks(self, ids, keep)
+
+
+def prefill_in_chunks(decoder, ids: Sequence[int], keep: int = 1) -> np.ndarray:
+    """Feed any number of tokens in chunks of decoder.max_chunk through decoder.forward; logits of the last `keep`
+    (keep <= the last chunk). Shared by Decoder and StaticDecoder: the cache is checked for room once, up front."""
+    decoder.kv.reserve(len(ids))
+    logits = None
+    for start in range(0, len(ids), decoder.max_chunk):
+        chunk = ids[start:start + decoder.max_chunk]
+        logits = decoder.forward(chunk, keep=min(keep, len(chunk)))
+    return logits

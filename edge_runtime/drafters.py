@@ -134,6 +134,3 @@ class EagleDrafter(ModelDrafter):
     """An EAGLE draft (eagle.py): each round it catches up on the accepted tokens with the target's true features
     (read from the target decoder's feature buffer), then drafts on its own predicted features. Greedy and
     sampled drafting, the reduced-vocabulary map and the AdaEDL stop are ModelDrafter's."""
-
-    def __init__(self, model, name: str, gamma_max: int, vocab: int, vocab_map: np.ndarray | None = None, **kw):
-        super().__init__(model, name, gamma_max, vocab, vocab_map=vocab_map, **kw)

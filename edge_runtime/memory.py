@@ -150,7 +150,12 @@ class ModelMemory:
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_bytes + self.workspace
+        return self.total_at(self.capacity)
+
+    def total_at(self, capacity: int) -> int:
+        """Weights, KV cache and workspace with a cache of `capacity` positions."""
+        return (self.weights + self.workspace_fixed
+                + (self.kv_bytes_per_token + self.workspace_per_position) * capacity)
 
 
 @dataclass(frozen=True)
@@ -189,12 +194,9 @@ class MemoryPlan:
 
     def total_at(self, context: int) -> int:
         """The total for another context, everything else equal."""
-        t = self.overhead + self.target.weights + self.target.workspace_fixed
-        t += (self.target.kv_bytes_per_token + self.target.workspace_per_position) * context
+        t = self.overhead + self.target.total_at(context)
         if self.draft is not None:
-            capacity = min(context + self.draft_extra, self.max_positions)
-            t += self.draft.weights + self.draft.workspace_fixed
-            t += (self.draft.kv_bytes_per_token + self.draft.workspace_per_position) * capacity
+            t += self.draft.total_at(min(context + self.draft_extra, self.max_positions))
         return t
 
     def max_context(self, budget: int | None = None) -> int:

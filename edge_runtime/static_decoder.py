@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
+from .decoder import prefill_in_chunks
 from .errors import BundleError, ExecutionProviderError, InvalidArgumentError
 from .kvcache import KVCache
 from .manifest import Architecture, GraphSpec
@@ -156,13 +157,7 @@ class StaticDecoder:
         return v.logits_out[0, v.logits - keep:]
 
     def prefill(self, ids: Sequence[int], keep: int = 1) -> np.ndarray:
-        """Feed any number of tokens in chunks of max_chunk; logits of the last `keep` (keep <= last chunk)."""
-        self.kv.reserve(len(ids))
-        logits = None
-        for start in range(0, len(ids), self.max_chunk):
-            chunk = ids[start:start + self.max_chunk]
-            logits = self.forward(chunk, keep=min(keep, len(chunk)))
-        return logits
+        return prefill_in_chunks(self, ids, keep)
 
 
 def static_specs(manifest, role: str) -> list[GraphSpec]:

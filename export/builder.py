@@ -70,6 +70,17 @@ class _Graph:
             (y,) = self.node("Add", [y, self.init(f"{name}.bias", bias)], f"{name}/Add")
         return y
 
+    def mlp(self, h: str, lw: LayerWeights, i: int) -> str:
+        """Layer i's SwiGLU MLP on h [.., H]: down(silu(gate(h)) * up(h)), silu as x * sigmoid(x)."""
+        w, p = f"model.layers.{i}", f"/model/layers.{i}"
+        gb, ub, db = lw.mlp_biases or (None, None, None)
+        gate = self.matmul(h, lw.gate, f"{w}.mlp.gate_proj", gb)
+        up = self.matmul(h, lw.up, f"{w}.mlp.up_proj", ub)
+        (sig,) = self.node("Sigmoid", [gate], f"{p}/mlp/act/Sigmoid")
+        (silu,) = self.node("Mul", [gate, sig], f"{p}/mlp/act/Mul")
+        (act,) = self.node("Mul", [silu, up], f"{p}/mlp/Mul")
+        return self.matmul(act, lw.down, f"{w}.mlp.down_proj", db)
+
 
 KV_DTYPES = {"float32": (TensorProto.FLOAT, np.float32), "float16": (TensorProto.FLOAT16, np.float16)}
 
@@ -129,13 +140,7 @@ def build_decoder(arch: Architecture, weights: ModelWeights, kv_dtype: str = "fl
         h, _, _, residual = g.node("SkipSimplifiedLayerNormalization",
                                    [o, residual, g.init(f"model.layers.{i}.post_attention_layernorm.weight", lw.post_norm)],
                                    f"{p}/post_attention_layernorm/SkipLayerNorm", n_out=4, domain="com.microsoft", epsilon=eps)
-        gb, ub, db = lw.mlp_biases or (None, None, None)
-        gate = g.matmul(h, lw.gate, f"model.layers.{i}.mlp.gate_proj", gb)
-        up = g.matmul(h, lw.up, f"model.layers.{i}.mlp.up_proj", ub)
-        (sig,) = g.node("Sigmoid", [gate], f"{p}/mlp/act/Sigmoid")
-        (silu,) = g.node("Mul", [gate, sig], f"{p}/mlp/act/Mul")
-        (act,) = g.node("Mul", [silu, up], f"{p}/mlp/Mul")
-        x = g.matmul(act, lw.down, f"model.layers.{i}.mlp.down_proj", db)
+        x = g.mlp(h, lw, i)
 
     # The final norm runs on every position (n x H, cheap): its output is `hidden_states`, the features an EAGLE
     # draft reads. Only the last k positions reach the LM head: decode asks for 1, verification for gamma + 1.
@@ -217,12 +222,7 @@ def build_eagle(arch: Architecture, w: EagleWeights) -> onnx.ModelProto:
     h, _, _, residual = g.node("SkipSimplifiedLayerNormalization",
                                [o, x, g.init("model.layers.0.post_attention_layernorm.weight", lw.post_norm)],
                                f"{p}/post_attention_layernorm/SkipLayerNorm", n_out=4, domain="com.microsoft", epsilon=eps)
-    gate = g.matmul(h, lw.gate, "model.layers.0.mlp.gate_proj")
-    up = g.matmul(h, lw.up, "model.layers.0.mlp.up_proj")
-    (sig,) = g.node("Sigmoid", [gate], f"{p}/mlp/act/Sigmoid")
-    (silu,) = g.node("Mul", [gate, sig], f"{p}/mlp/act/Mul")
-    (act,) = g.node("Mul", [silu, up], f"{p}/mlp/Mul")
-    x = g.matmul(act, lw.down, "model.layers.0.mlp.down_proj")
+    x = g.mlp(h, lw, 0)
     # the last position only: it carries the next feature (catch-up runs many positions, drafting one)
     last = [g.init("last_start", np.array([-1], np.int64)), g.init("slice_ends", np.array([INT64_MAX], np.int64)),
             g.init("slice_axes", np.array([1], np.int64))]

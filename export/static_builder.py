@@ -205,14 +205,7 @@ def build_static_decoder(arch: Architecture, weights: ModelWeights, shapes: Stat
         (x,) = g.node("Add", [x, o], f"{p}/attn/residual/Add")
 
         h = rms_norm(x, lw.post_norm, f"{p}/post_attention_layernorm/RMSNorm", f"{w}.post_attention_layernorm.weight")
-        gb, ub, db = lw.mlp_biases or (None, None, None)
-        gate = g.matmul(h, lw.gate, f"{w}.mlp.gate_proj", gb)
-        up = g.matmul(h, lw.up, f"{w}.mlp.up_proj", ub)
-        (sig,) = g.node("Sigmoid", [gate], f"{p}/mlp/act/Sigmoid")
-        (silu,) = g.node("Mul", [gate, sig], f"{p}/mlp/act/Mul")
-        (act,) = g.node("Mul", [silu, up], f"{p}/mlp/Mul")
-        down = g.matmul(act, lw.down, f"{w}.mlp.down_proj", db)
-        (x,) = g.node("Add", [x, down], f"{p}/mlp/residual/Add")
+        (x,) = g.node("Add", [x, g.mlp(h, lw, i)], f"{p}/mlp/residual/Add")
 
     if L < n:  # only the last L positions reach the norm and the LM head
         (x,) = g.node("Slice", [x, const("logits_start", [n - L]), const("logits_end", [n]), const("axis_1", [1])],
