@@ -259,7 +259,8 @@ def run_interleaved(args, prep: dict) -> dict[str, list[dict]]:
     rows = [k for k, path in prep["models"].items() if path]
     results: dict[str, list[dict]] = {k: [] for k in rows}
     for i in range(args.runs):
-        for key in rows:
+        # the order flips every run: whoever always ran first (or last) would carry any drift of the machine
+        for key in (rows if i % 2 == 0 else rows[::-1]):
             runtime = key.split("/", 1)[1]
             r = spawn(CHILD_OF[runtime], args, prep["models"][key], prep["prompt_ids"])
             results[key].append(r)
@@ -300,8 +301,11 @@ def report(args, prep: dict, results: dict[str, list[dict]]) -> dict:
     for precision in ("fp32", "int4"):
         a, b = rows.get(f"{precision}/edge-rt"), rows.get(f"{precision}/onnxruntime-genai")
         if a and b:
+            # paired: run i of each, taken back to back; steadier than the ratio of medians on a noisy machine
+            paired = [x / y for x, y in zip(a["decode_tps_runs"], b["decode_tps_runs"])]
             ratios[precision] = {"decode": a["decode_tps"] / b["decode_tps"], "prefill": b["prefill_ms"] / a["prefill_ms"],
-                                 "peak_rss": a["peak_rss_mb"] / b["peak_rss_mb"]}
+                                 "peak_rss": a["peak_rss_mb"] / b["peak_rss_mb"],
+                                 "decode_paired": statistics.median(paired)}
     skipped = {k: prep["notes"][k] for k, path in prep["models"].items() if not path}
     return {"model": CARD, "prompt": PROMPT, "prompt_tokens": len(prep["prompt_ids"]), "new_tokens": args.new_tokens,
             "threads": args.threads, "context": args.context, "runs": args.runs, "warmup": args.warmup,
@@ -326,8 +330,8 @@ def print_table(rep: dict) -> None:
         print(f"{precision if runtime != 'llama.cpp' else 'q4_1':<9} | {runtime:<17} | {s['decode_tps']:>12.1f} | "
               f"{s['prefill_ms']:>10.1f} | {s['peak_rss_mb']:>11.0f} | {s['load_s']:>6.2f} | {same}")
     for precision, r in rep["edge_rt_over_genai"].items():
-        print(f"{precision}: edge-rt / onnxruntime-genai: decode {r['decode']:.2f}x, prefill {r['prefill']:.2f}x "
-              f"(>1: edge-rt faster), peak RSS {r['peak_rss']:.2f}x")
+        print(f"{precision}: edge-rt / onnxruntime-genai: decode {r['decode']:.2f}x (median of per-run ratios "
+              f"{r['decode_paired']:.2f}x), prefill {r['prefill']:.2f}x (>1: edge-rt faster), peak RSS {r['peak_rss']:.2f}x")
     print("decode tok/s per run: " + "; ".join(f"{k} {s['decode_tps_runs']}" for k, s in rep["rows"].items()))
     for key, s in rep["rows"].items():
         if not s["deterministic"]:

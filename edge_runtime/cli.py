@@ -299,7 +299,7 @@ def fetch(card):
 @click.option("--context", type=int, default=None,
               help="With --target-ep qnn: the static graphs' context length [model default].")
 @click.option("--draft", default=None, metavar="self[:RECIPE][:LAYERS]",
-              help="Add a self-draft graph: the target quantized harder (default cpu-int4), optionally cut to its "
+              help="Add a self-draft graph: the target quantized harder (default cpu-int8), optionally cut to its "
                    "first LAYERS layers [the card's default draft].")
 @_fail_cleanly
 def export(source, output, force, kv_dtype, target_ep, context, draft):

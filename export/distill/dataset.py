@@ -76,26 +76,35 @@ class DistillSet:
 
     @classmethod
     def load(cls, path: Path) -> DistillSet:
-        z = np.load(path, allow_pickle=False)
-        if "features" not in z.files:
+        with np.load(path, allow_pickle=False) as npz:
+            z = {k: npz[k] for k in npz.files}  # each npz[k] reads the array again: read each once
+        if "features" not in z:
             from edge_runtime.errors import DraftTrainingError
             raise DraftTrainingError(f"{path} was written before drafts read the target's features; delete "
                                      f"{path.parent} and start again")
         s, r = z["starts"], z["row_starts"]
+        tokens, top_ids, top_logp, feats = z["tokens"], z["top_ids"], z["top_logp"], z["features"]
         n = len(z["prompt_len"])
         return cls(top_k=int(z["top_k"]), done=int(z["done"]), skipped=int(z["skipped"]),
-                   seqs=[z["tokens"][s[i]:s[i + 1]] for i in range(n)], prompt_lens=[int(x) for x in z["prompt_len"]],
-                   heldout=[bool(x) for x in z["heldout"]], top_ids=[z["top_ids"][r[i]:r[i + 1]] for i in range(n)],
-                   top_logp=[z["top_logp"][r[i]:r[i + 1]] for i in range(n)],
-                   features=[z["features"][s[i] - i:s[i + 1] - i - 1] for i in range(n)])
+                   seqs=[tokens[s[i]:s[i + 1]] for i in range(n)], prompt_lens=[int(x) for x in z["prompt_len"]],
+                   heldout=[bool(x) for x in z["heldout"]], top_ids=[top_ids[r[i]:r[i + 1]] for i in range(n)],
+                   top_logp=[top_logp[r[i]:r[i + 1]] for i in range(n)],
+                   features=[feats[s[i] - i:s[i + 1] - i - 1] for i in range(n)])
 
 
 def prompt_plan(prompts: list[str], recipe: Recipe) -> list[tuple[str, bool]]:
     """(prompt, held out) in answering order: a seeded shuffle; the held-out share first, so a run stopped by its
-    time budget still has them, and any prefix of the rest is a varied sample."""
-    order = np.random.default_rng(recipe.seed).permutation(len(prompts))
+    time budget still has them, and any prefix of the rest is a varied sample. Then the training prompts again,
+    `recipe.passes - 1` more times, each pass in a new order (sampled answers differ: more data from the same
+    prompts when the budget outlasts one pass)."""
+    rng = np.random.default_rng(recipe.seed)
+    order = rng.permutation(len(prompts))
     n_held = min(len(prompts) - 1, max(1, round(recipe.holdout * len(prompts))))
-    return [(prompts[i], j < n_held) for j, i in enumerate(order)]
+    plan = [(prompts[i], j < n_held) for j, i in enumerate(order)]
+    train = [p for p, held in plan if not held]
+    for _ in range(recipe.passes - 1):
+        plan += [(train[i], False) for i in rng.permutation(len(train))]
+    return plan
 
 
 def top_k_logprobs(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -24,6 +24,7 @@ class Recipe:
     top_k: int = 32            # the target's most likely next tokens kept per position (the distillation target)
     holdout: float = 0.06      # share of the prompts kept out of training, for the held-out acceptance
     gen_share: float = 0.4     # most of --minutes spent generating the training answers
+    passes: int = 1            # times each training prompt may be answered (new samples) while gen_share lasts
     context: int = 1024        # the target's KV cache while answering; longer prompts are skipped
     # training
     batch: int = 8             # sequences per step
@@ -74,6 +75,7 @@ def parse_settings(settings: list[str] | tuple[str, ...], base: Recipe = Recipe(
     recipe = dataclasses.replace(base, **values)
     checks = [(recipe.vocab >= 2, "vocab must be at least 2"), (recipe.temperature > 0, "temperature must be > 0"),
               (recipe.max_tokens >= 1, "max_tokens must be at least 1"), (recipe.top_k >= 1, "top_k must be >= 1"),
+              (recipe.passes >= 1, "passes must be at least 1"),
               (0 < recipe.holdout < 1, "holdout must be in (0, 1)"), (0 < recipe.gen_share < 1, "gen_share in (0, 1)"),
               (recipe.batch >= 1 and recipe.seq_len >= 8, "batch >= 1 and seq_len >= 8"),
               (recipe.lr > 0 and recipe.steps >= 0 and recipe.eval_every >= 1, "lr > 0, steps >= 0, eval_every >= 1"),
