@@ -1,7 +1,7 @@
 """`edge-rt bench`: target-only and each draft kind, side by side in one process, on a fixed prompt set.
 
-Runs are interleaved (run r measures every draft on every prompt before run r+1) so that machine noise
-spreads over all of them; figures are medians over runs.
+Runs are interleaved (run r measures every draft on every prompt before run r+1, the drafts in reverse order every
+other run) so that machine noise spreads over all of them; figures are medians over runs.
 """
 from __future__ import annotations
 
@@ -56,7 +56,8 @@ def run_bench(engine: Engine, drafts: list[str], prompts: dict[str, str] = PROMP
     last: dict[tuple[str, str], tuple] = {}
     rss: dict[str, float] = {}
     for run in range(runs + 1):  # run 0 warms up every session and is not counted
-        for draft in configs:
+        # the order flips every run: whatever always ran first (or last) would carry any drift of the machine
+        for draft in (configs if run % 2 == 0 else configs[::-1]):
             engine.set_draft(draft, draft_min, draft_max)
             for name, prompt_ids in ids.items():
                 engine.reset()  # every run prefills the whole prompt

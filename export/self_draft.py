@@ -16,7 +16,7 @@ from .builder import ModelWeights, build_decoder, save_model
 DRAFT = "draft.onnx"
 # cpu-int8, not cpu-int4: on 2 AVX2 cores both run MatMulNBits on int8 activations, compute-bound, so INT4 saves
 # only ~20% of a draft step (SmolLM2: 7.2 vs 8.9 ms, float32 target 19.7 ms) while INT8 agrees far more (chat
-# acceptance 0.94 vs 0.68): `edge-rt bench` chat 1.38x vs 1.18x of target-only (README, speculative decoding).
+# acceptance 0.97 vs 0.61): `edge-rt bench` chat 1.53x vs 1.17x of target-only (README, speculative decoding).
 DEFAULT_RECIPE = "cpu-int8"
 
 

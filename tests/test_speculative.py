@@ -308,3 +308,15 @@ def test_bench_compares_drafts_side_by_side(tiny_bundle):
     assert all(r["acceptance_rate"] == 1.0 for r in rows if r["draft"] == "target" and r["calls_per_token"] < 1)
     table = CliRunner().invoke(cli, ["bench", str(tiny_bundle), "--runs", "1", "--max-tokens", "8", *prompts])
     assert table.exit_code == 0 and "speedup" in table.stdout and "ngram" in table.stdout
+
+
+def test_bench_flips_the_draft_order_every_run(tiny_bundle, monkeypatch):
+    """Whatever always ran first would carry the machine's drift (an INT4 target read 0.87x with ngram for it)."""
+    from edge_runtime.bench import run_bench
+    engine = _engine(tiny_bundle)
+    order = []
+    set_draft = engine.set_draft
+    monkeypatch.setattr(engine, "set_draft", lambda draft, *a: (order.append(draft), set_draft(draft, *a)))
+    rows = run_bench(engine, ["ngram", "target"], prompts={"p": "Hello"}, runs=2, max_tokens=4)
+    assert order == ["none", "ngram", "target", "target", "ngram", "none", "none", "ngram", "target"]
+    assert [r.draft for r in rows] == ["none", "ngram", "target"] and all(r.identical for r in rows)
