@@ -80,8 +80,10 @@ def _engine(model: str, context: int | None, threads: int | None, draft: str | N
     if train_draft or draft == "trained" or (draft is None and bundle.manifest.defaults.draft == "trained"):
         draft = _trained_draft(bundle, build=train_draft, asked=draft == "trained")
     draft = bundle.manifest.defaults.draft if draft is None else draft
-    if draft not in (None, "none", "ngram", "self", "target") and not looks_like_path(draft):
-        _bundle_path(draft)  # a card name: build it on first use like the target
+    from .drafters import split_draft
+    model_draft = split_draft(draft)[0]
+    if model_draft not in (None, "self", "target") and not looks_like_path(model_draft):
+        _bundle_path(model_draft)  # a card name: build it on first use like the target
     return Engine(bundle, context=context, threads=threads, draft=draft, draft_min=draft_min, draft_max=draft_max,
                   **options)
 
@@ -196,7 +198,8 @@ def sampling_options(fn):
         click.option("--threads", type=int, default=None, help="CPU threads [all cores]."),
         click.option("--stats", is_flag=True, help="Print prompt and decode tokens/s to stderr."),
         click.option("--draft", default=None,
-                     help="Speculative draft: none, ngram, self, or a draft bundle / card [model default]."),
+                     help="Speculative draft: none, ngram, self, a draft bundle / card, or ngram+DRAFT (lookup where "
+                          "the text repeats, DRAFT elsewhere) [model default]."),
         click.option("--draft-min", type=int, default=1, show_default=True, help="Fewest tokens drafted per round."),
         click.option("--draft-max", type=int, default=4, show_default=True, help="Most tokens drafted per round."),
     ]

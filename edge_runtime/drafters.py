@@ -13,12 +13,33 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from .cached import CachedDecoder
+from .errors import InvalidArgumentError
+
+LOOKUP = "ngram"
 
 
 def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
     """One sample from an unnormalised probability vector [V]."""
     cdf = np.cumsum(probs)
     return min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), len(probs) - 1)
+
+
+def split_draft(draft):
+    """A --draft value -> (the model draft it loads or None, whether prompt lookup runs):
+    none -> (None, False), ngram -> (None, True), self -> ("self", False), ngram+self -> ("self", True)."""
+    if not isinstance(draft, str):  # None, or a bundle path
+        return draft, False
+    if draft == "none":
+        return None, False
+    if draft == LOOKUP:
+        return None, True
+    if draft.startswith(LOOKUP + "+"):
+        model = draft[len(LOOKUP) + 1:]
+        if model in ("", "none", LOOKUP) or model.startswith(LOOKUP + "+"):
+            raise InvalidArgumentError(f"--draft {draft}: after ngram+ name a model draft (self, target or a draft "
+                                       "bundle), e.g. ngram+self")
+        return model, True
+    return draft, False
 
 
 class NgramDrafter:
@@ -31,6 +52,9 @@ class NgramDrafter:
         self.max_n, self.min_n = max_n, min_n
         self.q = None
         self.reset()
+
+    def prime(self, prompt: Sequence[int]) -> None:
+        """Nothing to read ahead: the index grows as propose is called."""
 
     def reset(self) -> None:
         self._last: dict[tuple[int, ...], int] = {}  # n-gram -> position of its last token, latest occurrence
@@ -86,6 +110,13 @@ class ModelDrafter:
     def reset(self) -> None:
         self._synced = 0
 
+    def prime(self, prompt: Sequence[int]) -> None:
+        """Read the prompt while the target prefills it (llama.cpp's drafts do too), so that the first round (or,
+        behind lookup, the first round that needs the model) catches up on a few tokens, not the whole prompt.
+        An earlier turn's cached prefix is reused."""
+        self.model.sync(prompt)
+        self._synced = len(prompt)
+
     def _confident(self, logits: np.ndarray) -> bool:
         if self.threshold <= 0:
             return True
@@ -134,3 +165,38 @@ class EagleDrafter(ModelDrafter):
     """An EAGLE draft (eagle.py): each round it catches up on the accepted tokens with the target's true features
     (read from the target decoder's feature buffer), then drafts on its own predicted features. Greedy and
     sampled drafting, the reduced-vocabulary map and the AdaEDL stop are ModelDrafter's."""
+
+    def prime(self, prompt: Sequence[int]) -> None:
+        """The first round catches up on the prompt's features as it would on any round's (eagle.py)."""
+
+
+class HybridDrafter:
+    """Prompt lookup first, a model otherwise (`--draft ngram+self`). When the history's last `min_n` tokens occurred
+    before, what followed them is proposed for free (copying, summarising, editing code); otherwise the model drafts
+    (open-ended chat). The choice depends on the history only and q is whatever the round's drafts were drawn from
+    (one-hot for lookup), so verification stays exact. The model catches up on skipped rounds at its next call."""
+
+    # lookup proposes only after a 3-token match: a 1- or 2-token match is a weak guess next to a draft model
+    MIN_MATCH = 3
+
+    def __init__(self, model: ModelDrafter, lookup: NgramDrafter | None = None):
+        self.lookup, self.model = lookup or NgramDrafter(min_n=self.MIN_MATCH), model
+        self.name = f"{LOOKUP}+{model.name}"
+        self.q: np.ndarray | None = None
+        self.catchup_seconds = 0.0
+
+    def reset(self) -> None:
+        self.lookup.reset()
+        self.model.reset()
+
+    def prime(self, prompt: Sequence[int]) -> None:
+        self.model.prime(prompt)
+
+    def propose(self, history: Sequence[int], k: int, **options) -> list[int]:
+        drafts = self.lookup.propose(history, k)
+        if drafts:
+            self.q, self.catchup_seconds = None, 0.0
+            return drafts
+        drafts = self.model.propose(history, k, **options)
+        self.q, self.catchup_seconds = self.model.q, self.model.catchup_seconds
+        return drafts

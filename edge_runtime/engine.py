@@ -21,7 +21,7 @@ from .detokenizer import StreamingDetokenizer
 from .errors import BundleError, ExecutionProviderError, InvalidArgumentError
 from .manifest import GraphSpec
 from .memory import check_memory, draft_graph
-from .drafters import EagleDrafter, ModelDrafter, NgramDrafter
+from .drafters import EagleDrafter, HybridDrafter, ModelDrafter, NgramDrafter, split_draft
 from .eagle import EagleModel
 from .sampling import SamplingParams, make_logits_processor, make_sampler
 from .speculative import DraftLength, speculative_steps
@@ -132,7 +132,8 @@ def load_vocab_map(draft: Bundle, target_vocab: int) -> np.ndarray | None:
 class Engine:
     """A target model, optionally a draft, and generation.
 
-    draft: None/"none" (target only), "ngram" (prompt lookup), "self" (the bundle's own draft graph),
+    draft: None/"none" (target only), "ngram" (prompt lookup), "self" (the bundle's own draft graph), "ngram+X"
+    (prompt lookup where the history repeats, the model draft X elsewhere),
     "target" (the target as its own draft: a test of the machinery), or a draft bundle folder / card name.
     """
 
@@ -155,7 +156,7 @@ class Engine:
         self.memory_plan = check_memory(bundle, context, memory_budget, draft, draft_max, self.ep,  # before any
                                         draft_ep)                                               # allocation
         if (found := draft_graph(bundle, draft)) is not None:  # an impossible --draft-ep fails before loading
-            draft_ep_for(draft, found[1], draft_ep, self.ep)
+            draft_ep_for(split_draft(draft)[0], found[1], draft_ep, self.ep)
         if m.vocab_map is not None:
             raise BundleError(f"{bundle.path} is a draft with a reduced vocabulary; use it as --draft of "
                               f"{m.source.get('draft_of') or 'its target model'}")
@@ -183,10 +184,14 @@ class Engine:
 
     def _make_drafter(self, draft: str | None, context: int, threads: int | None, draft_max: int,
                       draft_ep: str | None = None):
-        if draft in (None, "none"):
-            return None
-        if draft == "ngram":
-            return NgramDrafter()
+        model, lookup = split_draft(draft)
+        if model is None:
+            return NgramDrafter() if lookup else None
+        drafter = self._model_drafter(model, context, threads, draft_max, draft_ep)
+        return HybridDrafter(drafter) if lookup else drafter
+
+    def _model_drafter(self, draft: str, context: int, threads: int | None, draft_max: int,
+                       draft_ep: str | None = None):
         m = self.manifest
         # the draft runs up to draft_max tokens past the target's write pointer
         capacity = min(context + draft_max + 1, m.architecture.max_position_embeddings)
@@ -268,12 +273,14 @@ class Engine:
         stats = self.last_stats = GenerationStats(prompt_tokens=len(prompt_ids))
         t0 = time.perf_counter()
         logits, stats.prefilled_tokens = self.target.sync(prompt_ids)
+        if self.drafter is not None:
+            self.drafter.reset()
+            self.drafter.prime(prompt_ids)  # a model draft reads the prompt here, as part of the prefill
         t1 = time.perf_counter()
         stats.prefill_seconds = t1 - t0
         if self.drafter is None:
             steps = self._plain_steps(logits, sample, stats)
         else:
-            self.drafter.reset()
             steps = speculative_steps(self.target, self.drafter, self.draft_length, logits, list(prompt_ids),
                                       sampling.greedy, sample, make_logits_processor(sampling), sample.rng, stats)
         try:

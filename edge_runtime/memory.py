@@ -280,6 +280,9 @@ def draft_graph(bundle: Bundle, draft: Bundle | str | Path | None) -> tuple[Bund
     """The graph a --draft value loads, or None for a model-free draft (none, ngram)."""
     if isinstance(draft, Bundle):
         return draft, draft.manifest.graph("target")
+    if isinstance(draft, str):
+        from .drafters import split_draft
+        draft = split_draft(draft)[0]  # ngram+self loads the self-draft
     if draft in NON_MODEL_DRAFTS:
         return None
     if draft in ("self", "target"):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from edge_runtime.bundle import Bundle, publish, sha256_file
 from edge_runtime.cards import Card, get_card, looks_like_path
+from edge_runtime.drafters import split_draft
 from edge_runtime.errors import ExportError
 from edge_runtime.manifest import FORMAT_VERSION, Defaults, GraphSpec, Manifest, TokenIds
 
@@ -50,6 +51,17 @@ def _defaults(card: Card | None, max_positions: int) -> Defaults:
     return Defaults(**{k: v for k, v in values.items() if k in Defaults.__dataclass_fields__})
 
 
+def _runnable_draft(default: str, has_self_draft: bool) -> str:
+    """The card's default draft as the manifest names it for the runtime: a self-draft spec (self:cpu-int8) is
+    `self`, and without a self-draft graph (an NPU bundle) ngram+self falls back to ngram."""
+    model, lookup = split_draft(default)
+    if model is None or not model.startswith("self"):
+        return default
+    if has_self_draft:
+        return "ngram+self" if lookup else "self"
+    return "ngram" if lookup else "none"
+
+
 def resolve_source(source: str) -> tuple[Path, Card | None]:
     """A card name becomes its fetched source file; a path stays a path."""
     if looks_like_path(source):
@@ -64,7 +76,8 @@ def export_bundle(source: str, out: Path, force: bool = False, progress: Progres
                   draft: str | None = None) -> Bundle:
     """kv_dtype: the KV cache's element type, float32 or float16 (half the cache bytes; see builder.py).
     target_ep "qnn": static-shape graphs for the NPU (static_export.py) for a context of `context` tokens.
-    draft "self[:RECIPE][:LAYERS]": add a self-draft graph (self_draft.py); a card's default draft is built too."""
+    draft "self[:RECIPE][:LAYERS]": add a self-draft graph (self_draft.py); a card's default self-draft (its draft
+    self... or ngram+self...) is built too, for CPU bundles."""
     say = progress or (lambda _msg: None)
     out = Path(out)
     if kv_dtype not in KV_DTYPES:
@@ -77,8 +90,9 @@ def export_bundle(source: str, out: Path, force: bool = False, progress: Progres
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force to replace it or choose another -o")
     path, card = resolve_source(source)
-    if draft is None and card is not None and str(card.defaults.get("draft", "")).startswith("self"):
-        draft = card.defaults["draft"]
+    card_draft = split_draft(str(card.defaults.get("draft", "none")))[0] if card is not None else None
+    if draft is None and target_ep == "cpu" and card_draft is not None and card_draft.startswith("self"):
+        draft = card_draft  # the card's default self-draft is built with the bundle
     if draft is not None and (not draft.startswith("self") or target_ep != "cpu"):
         raise ExportError(f"--draft {draft!r}: export builds only self-drafts (self[:RECIPE][:LAYERS]) for CPU "
                           "bundles; a separate draft is a bundle of its own, passed to generate/chat with --draft")
@@ -118,6 +132,7 @@ def export_bundle(source: str, out: Path, force: bool = False, progress: Progres
             graphs, graph_files = (*graphs, draft_graph), [*graph_files, *draft_files]
         files = {name: sha256_file(tmp / name) for name in (*graph_files, tok_file, tok_config)}
         defaults = _defaults(card, arch.max_position_embeddings)
+        defaults = replace(defaults, draft=_runnable_draft(defaults.draft, draft is not None))
         if target_ep != "cpu":  # the static graphs' context is the default
             defaults = replace(defaults, context=arch.max_position_embeddings)
         manifest = Manifest(

@@ -81,3 +81,12 @@ def test_other_llama_family_architectures_export(tmp_path, model_type):
     m = bundle.manifest
     assert m.architecture.family == model_type
     assert m.source["verify_max_abs_error"] <= m.source["verify_tolerance"]
+
+
+@pytest.mark.parametrize("card_draft, has_self, written", [
+    ("ngram+self", True, "ngram+self"), ("ngram+self:cpu-int8", True, "ngram+self"), ("self:cpu-int4:16", True, "self"),
+    ("ngram+self", False, "ngram"), ("self", False, "none"), ("ngram", True, "ngram"), ("none", False, "none")])
+def test_the_manifest_names_the_cards_draft_as_the_bundle_can_run_it(card_draft, has_self, written):
+    """A self-draft spec becomes `self`; an NPU bundle, which has no self-draft graph, falls back to lookup."""
+    from export.pipeline import _runnable_draft
+    assert _runnable_draft(card_draft, has_self) == written

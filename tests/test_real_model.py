@@ -32,6 +32,10 @@ def test_generate_builds_the_default_model_on_first_use_and_answers(home):
     manifest = json.loads((home / "bundles" / "smollm2-135m" / "manifest.json").read_text())
     assert manifest["architecture"]["num_layers"] == 30
     assert manifest["source"]["verify_max_abs_error"] <= manifest["source"]["verify_tolerance"]
+    # the card speculates with lookup + its INT8 self-draft, which the export built
+    assert manifest["defaults"]["draft"] == "ngram+self"
+    assert [g["precision"] for g in manifest["graphs"] if g["role"] == "draft"] == ["cpu-int8"]
+    assert "speculation (ngram+self)" in done.stderr
     assert not [p for p in (home / "bundles").iterdir() if p.name.startswith(".")]  # no temp folders left
 
 
@@ -61,13 +65,14 @@ def test_chat_keeps_the_conversation(home):
     assert "Paris" in answers[1]
 
 
-def test_speculative_greedy_output_equals_target_only(home):
+@pytest.mark.parametrize("draft", ["ngram", "ngram+self"])
+def test_speculative_greedy_output_equals_target_only(home, draft):
     if not (home / "bundles" / "smollm2-135m").exists():
         pytest.skip("needs the bundle built by the first test")
     from edge_runtime import Engine
     from edge_runtime.bench import PROMPTS
     base = Engine.load(home / "bundles" / "smollm2-135m")
-    spec = Engine.load(home / "bundles" / "smollm2-135m", draft="ngram", draft_max=6)
+    spec = Engine.load(home / "bundles" / "smollm2-135m", draft=draft, draft_max=6)
     drafted = 0
     for name in ("summarize", "code"):
         ids = base.chat_ids([{"role": "user", "content": PROMPTS[name]}])

@@ -92,6 +92,29 @@ def test_greedy_output_equals_target_only(tiny_bundle, tiny_draft_bundle, tiny_s
     assert drafted > 0  # speculation really ran
 
 
+def _count_calls(obj, method: str) -> list:
+    calls = []
+    inner = getattr(obj, method)
+    setattr(obj, method, lambda *a, **kw: calls.append(out := inner(*a, **kw)) or out)
+    return calls
+
+
+def test_lookup_then_model_keeps_greedy_output_and_uses_both(tiny_bundle, tiny_draft_bundle):
+    """--draft ngram+DRAFT: lookup where the last tokens occurred before, the model elsewhere."""
+    from edge_runtime.drafters import NgramDrafter
+    base = _engine(tiny_bundle)
+    spec = _engine(tiny_bundle, draft=f"ngram+{tiny_draft_bundle}", draft_max=5, adaptive=False)
+    assert spec.drafter.name == f"ngram+{tiny_draft_bundle}" and spec.drafter.lookup.min_n == 3
+    spec.drafter.lookup = NgramDrafter(min_n=1)  # the random tiny model seldom repeats 3 tokens: match on 1
+    spec.drafter.model.threshold = 0.0
+    lookup, model = _count_calls(spec.drafter.lookup, "propose"), _count_calls(spec.drafter.model, "propose")
+    for prompt in PROMPTS:
+        ids = _prompt_ids(base, prompt)
+        assert list(spec.generate_step(ids, max_tokens=128)) == list(base.generate_step(ids, max_tokens=128))
+    assert sum(map(bool, lookup)) > 10 and len(model) > 10  # both sources drafted
+    assert len(model) == len(lookup) - sum(map(bool, lookup))  # the model only where lookup had nothing
+
+
 def test_adaptive_length_keeps_greedy_output(tiny_bundle, tiny_draft_bundle):
     base = _engine(tiny_bundle)
     spec = _engine(tiny_bundle, draft=str(tiny_draft_bundle), draft_min=1, draft_max=6)
@@ -169,6 +192,31 @@ def test_sampled_pairs_follow_the_target_distribution(tiny_bundle, tiny_draft_bu
         drafted += spec.last_stats.drafted_tokens
         accepted += spec.last_stats.accepted_tokens
     assert drafted == 4000 and 0 < accepted < drafted  # both branches of the rule ran
+    stat, dof = chi_square(counts, exact)
+    assert stat < chi2_critical(dof), f"chi-square {stat:.1f} with {dof} dof"
+
+
+def test_sampling_with_lookup_then_model_follows_the_target_distribution(tiny_bundle, tiny_draft_bundle):
+    """The same chi-square test with proposals from both sources: lookup (one-hot q) where x1 occurred in the
+    prompt (a 1-token match here, so that it happens often), the draft model (its q) elsewhere."""
+    from edge_runtime.drafters import NgramDrafter
+    params = SamplingParams(temperature=1.0)
+    spec = _engine(tiny_bundle, draft=f"ngram+{tiny_draft_bundle}", draft_min=1, draft_max=1, adaptive=False)
+    spec.drafter.lookup = NgramDrafter(max_n=1, min_n=1)
+    spec.drafter.model.threshold = 0.0
+    ids = list(range(3, 80))  # many distinct tokens: x1 is often one of them
+    exact = _exact_pairs(spec, ids, params)
+    vocab = int(np.sqrt(exact.size))
+    lookup = _count_calls(spec.drafter.lookup, "propose")
+    counts = np.zeros(exact.size)
+    drafted = accepted = 0
+    for i in range(4000):
+        x1, x2 = spec.generate_step(ids, SamplingParams(1.0, seed=i), max_tokens=2)
+        counts[x1 * vocab + x2] += 1
+        drafted += spec.last_stats.drafted_tokens
+        accepted += spec.last_stats.accepted_tokens
+    looked_up = sum(map(bool, lookup))
+    assert drafted == 4000 and 0 < accepted < drafted and 200 < looked_up < 3800  # both sources, both branches
     stat, dof = chi_square(counts, exact)
     assert stat < chi2_critical(dof), f"chi-square {stat:.1f} with {dof} dof"
 
@@ -276,7 +324,10 @@ def test_draft_errors(tiny_bundle, tmp_path):
 
 @pytest.mark.parametrize("args, word", [(["--draft", "ngram", "--draft-max", "0"], "draft-max"),
                                         (["--draft", "self"], "self-draft"),
-                                        (["--draft", "nosuch-card"], "no model card")])
+                                        (["--draft", "nosuch-card"], "no model card"),
+                                        (["--draft", "ngram+"], "ngram+self"),
+                                        (["--draft", "ngram+ngram"], "ngram+self"),
+                                        (["--draft", "ngram+self"], "self-draft")])
 def test_draft_errors_on_the_command_line(tiny_bundle, args, word):
     result = CliRunner().invoke(cli, ["generate", str(tiny_bundle), "-p", "hi", *args])
     assert result.exit_code != 0 and isinstance(result.exception, SystemExit)
@@ -320,3 +371,25 @@ def test_bench_flips_the_draft_order_every_run(tiny_bundle, monkeypatch):
     rows = run_bench(engine, ["ngram", "target"], prompts={"p": "Hello"}, runs=2, max_tokens=4)
     assert order == ["none", "ngram", "target", "target", "ngram", "none", "none", "ngram", "target"]
     assert [r.draft for r in rows] == ["none", "ngram", "target"] and all(r.identical for r in rows)
+
+
+def test_memory_plan_of_lookup_then_model_counts_the_model(tiny_self_bundle):
+    from edge_runtime.memory import plan_memory
+    b = Bundle.load(tiny_self_bundle)
+    assert plan_memory(b, 64, "ngram+self").total == plan_memory(b, 64, "self").total > plan_memory(b, 64, "ngram").total
+
+
+def test_a_model_draft_reads_the_prompt_during_the_prefill(tiny_bundle, tiny_draft_bundle):
+    """The draft's cache holds the prompt before the first token is out, so no decoding round pays for it, and
+    the prefill time counts it; the next turn reuses the draft's cached prefix like the target's."""
+    spec = _engine(tiny_bundle, draft=f"ngram+{tiny_draft_bundle}", adaptive=False)
+    ids = _prompt_ids(spec, PROMPTS[1])
+    steps = spec.generate_step(ids, max_tokens=8)
+    next(steps)  # the prefill is done, nothing decoded yet
+    assert spec.drafter.model.model.tokens == ids
+    steps.close()
+    decoder, fed = spec.drafter.model.model.decoder, []
+    prefill = decoder.prefill
+    decoder.prefill = lambda new, *a: (fed.append(len(new)), prefill(new, *a))[1]
+    spec.generate_step(ids + [5, 6], max_tokens=1).__next__()
+    assert fed == [2] and spec.drafter.model.model.tokens == ids + [5, 6]  # only the two new ids ran
