@@ -180,6 +180,7 @@ class Engine:
         self.draft_length = DraftLength(draft_min, draft_max, adaptive)  # validates the range even with no draft
         if draft_ep is not None:
             self.draft_ep = check_ep(draft_ep)
+        self.drafter = None  # the old draft's sessions and cache go before the new one loads (peak memory)
         self.drafter = self._make_drafter(draft, self.context, self._threads, draft_max, self.draft_ep)
 
     def _make_drafter(self, draft: str | None, context: int, threads: int | None, draft_max: int,
