@@ -81,7 +81,7 @@ class Defaults:
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
-    draft: str = "none"  # the speculative draft used when none is asked for: none, ngram, self
+    draft: str = "none"  # the speculative draft used when none is asked for: none, ngram, self, ngram+self, ...
 
 
 @dataclass(frozen=True)
