@@ -128,7 +128,9 @@ class ModelDrafter:
 
     def propose(self, history: Sequence[int], k: int, greedy: bool = True,
                 process: Callable[[np.ndarray], np.ndarray] | None = None,
-                rng: np.random.Generator | None = None) -> list[int]:
+                rng: np.random.Generator | None = None, entropy_stop: bool = True) -> list[int]:
+        """entropy_stop: apply the AdaEDL stop when sampling (the loop turns it off for drafts it measures as
+        well aligned, speculative.py)."""
         vmap = self.vocab_map
         # catch up on what the draft has not seen (the target's correction, the last accepted draft)
         t0 = time.perf_counter()
@@ -141,7 +143,7 @@ class ModelDrafter:
         self.q = None if greedy else self._q
         for i in range(k):
             row = logits[-1]
-            if not greedy and not self._confident(row):
+            if not greedy and entropy_stop and not self._confident(row):
                 break
             if greedy:
                 token = int(np.argmax(row))

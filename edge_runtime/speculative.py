@@ -47,6 +47,11 @@ def verify(logits: np.ndarray, drafts: list[int], q: np.ndarray | None, greedy: 
 
 
 PROBE_DECAY = 0.5
+# The drafters' entropy stop (AdaEDL) guards against drafts that disagree with the target. Once the measured per-token
+# acceptance reaches this, a draft's entropy no longer predicts its rejections (an INT8 self-draft is unsure where
+# the target is, q ~ p, and is accepted anyway) and the stop only cuts rounds short: SmolLM2, ngram+self, chat at
+# temperature 0.7, 6 alternating seeds: 1.08x of target-only with the stop, 1.43x without.
+ENTROPY_STOP_BELOW = 0.8
 
 
 class DraftLength:
@@ -134,7 +139,8 @@ def speculative_steps(target: CachedDecoder, drafter, length: DraftLength, first
         history.append(token)
         k = min(length.next_k(), target.kv.free - 1)
         t0 = time.perf_counter()
-        drafts = drafter.propose(history, k, greedy=greedy, process=process, rng=rng) if k > 0 else []
+        drafts = (drafter.propose(history, k, greedy=greedy, process=process, rng=rng,
+                                  entropy_stop=length.alpha < ENTROPY_STOP_BELOW) if k > 0 else [])
         catchup = getattr(drafter, "catchup_seconds", 0.0) if k > 0 else 0.0
         logits = target.extend([token, *drafts], keep=len(drafts) + 1)
         accepted, token = verify(logits, drafts, drafter.q if drafts else None, greedy, process, rng)

@@ -134,14 +134,20 @@ def test_target_as_its_own_draft_accepts_everything(tiny_bundle):
 
 
 def test_entropy_stop_applies_to_sampling_not_to_greedy(tiny_bundle):
-    """AdaEDL stops an unsure draft when sampling; greedy drafting leaves gamma to the length controller."""
+    """AdaEDL stops an unsure draft when sampling, until the draft is measured to agree; greedy drafting leaves gamma
+    to the length controller."""
     spec = _engine(tiny_bundle, draft="target", draft_max=4, adaptive=False)
     spec.drafter.threshold = 0.99  # the random tiny model is unsure of everything: a stop at every token
     ids = _prompt_ids(spec, PROMPTS[0])
     list(spec.generate_step(ids, max_tokens=20))
     assert spec.last_stats.drafted_tokens >= 12  # 4 per round
+    spec.set_draft("target", 1, 4, adaptive=False)  # forget the acceptance measured above
+    spec.drafter.threshold = 0.99
     list(spec.generate_step(ids, SamplingParams(temperature=1.0, seed=3), max_tokens=20))
     assert spec.last_stats.drafted_tokens == 0
+    spec.draft_length.accepted = 99.0  # measured per-token acceptance 0.99: the entropy no longer predicts rejections
+    list(spec.generate_step(ids, SamplingParams(temperature=1.0, seed=3), max_tokens=20))
+    assert spec.last_stats.drafted_tokens >= 12
 
 
 def test_rollback_leaves_the_cache_as_target_only_decoding(tiny_bundle, tiny_draft_bundle):
