@@ -428,8 +428,8 @@ def chat(model, system, train_draft, max_tokens, temperature, top_k, top_p, seed
 @cli.command()
 @click.argument("model", default=DEFAULT_MODEL)
 @click.option("--draft", "drafts", multiple=True,
-              help="A draft to compare (repeatable): ngram, self, or a draft bundle / card [ngram, and self if the "
-                   "bundle has one].")
+              help="A draft to compare (repeatable): ngram, self, a draft bundle / card, or ngram+DRAFT [ngram, "
+                   "and self and ngram+self if the bundle has a self-draft].")
 @click.option("--runs", type=int, default=3, show_default=True, help="Measured runs per draft and prompt (median).")
 @click.option("--max-tokens", type=int, default=128, show_default=True)
 @click.option("--draft-min", type=int, default=1, show_default=True)
@@ -454,7 +454,7 @@ def bench(model, drafts, runs, max_tokens, draft_min, draft_max, context, thread
     engine = _engine(model, context, threads, "none", draft_min, draft_max, memory_budget=_budget(memory_budget),
                      **_ep_kwargs(ep, ep_option, draft_ep))
     if not drafts:
-        drafts = ("ngram", "self") if engine.manifest.graph("draft") else ("ngram",)
+        drafts = ("ngram", "self", "ngram+self") if engine.manifest.graph("draft") else ("ngram",)
     prompt_set = bench_mod.PROMPTS
     if prompts:
         if not all("=" in p for p in prompts):

@@ -399,3 +399,12 @@ def test_a_model_draft_reads_the_prompt_during_the_prefill(tiny_bundle, tiny_dra
     decoder.prefill = lambda new, *a: (fed.append(len(new)), prefill(new, *a))[1]
     spec.generate_step(ids + [5, 6], max_tokens=1).__next__()
     assert fed == [2] and spec.drafter.model.model.tokens == ids + [5, 6]  # only the two new ids ran
+
+
+def test_bench_of_a_bundle_with_a_self_draft_compares_every_kind_by_default(tiny_self_bundle):
+    import json
+    result = CliRunner().invoke(cli, ["bench", str(tiny_self_bundle), "--runs", "1", "--max-tokens", "4", "--json",
+                                      "--prompt", "p=Hello"])
+    assert result.exit_code == 0, result.output
+    assert [r["draft"] for r in json.loads(result.stdout)] == ["none", "ngram", "self", "ngram+self"]
+    assert all(r["identical"] for r in json.loads(result.stdout))
