@@ -46,6 +46,7 @@ import numpy as np
 
 from .bundle import Bundle
 from .decoder import Decoder
+from .drafters import split_draft
 from .errors import BundleError, InvalidArgumentError, MemoryBudgetError
 from .kvcache import KVCache
 from .manifest import GraphSpec
@@ -281,7 +282,6 @@ def draft_graph(bundle: Bundle, draft: Bundle | str | Path | None) -> tuple[Bund
     if isinstance(draft, Bundle):
         return draft, draft.manifest.graph("target")
     if isinstance(draft, str):
-        from .drafters import split_draft
         draft = split_draft(draft)[0]  # ngram+self loads the self-draft
     if draft in NON_MODEL_DRAFTS:
         return None
