@@ -8,8 +8,10 @@ from .engine import Engine, GenerationStats
 from .errors import (BundleError, ContextFullError, EdgeRuntimeError, ExportError, InvalidArgumentError,
                      MemoryBudgetError, ModelNotFoundError, TemplateError)
 from .sampling import SamplingParams
+from .session import share_thread_pool
 
 __version__ = "0.1.0"
 
 __all__ = ["Engine", "GenerationStats", "SamplingParams", "EdgeRuntimeError", "BundleError", "ContextFullError",
-           "ExportError", "InvalidArgumentError", "MemoryBudgetError", "ModelNotFoundError", "TemplateError"]
+           "ExportError", "InvalidArgumentError", "MemoryBudgetError", "ModelNotFoundError", "TemplateError",
+           "share_thread_pool"]

@@ -84,6 +84,9 @@ def _engine(model: str, context: int | None, threads: int | None, draft: str | N
     model_draft = split_draft(draft)[0]
     if model_draft not in (None, "self", "target") and not looks_like_path(model_draft):
         _bundle_path(model_draft)  # a card name: build it on first use like the target
+    if _OWN_PROCESS:
+        from .session import share_thread_pool
+        share_thread_pool(threads)  # target and draft on one pool (session.py); after every build above
     return Engine(bundle, context=context, threads=threads, draft=draft, draft_min=draft_min, draft_max=draft_max,
                   **options)
 
@@ -538,8 +541,8 @@ def _quant_api():
 
 @cli.command()
 @click.argument("bundle")
-@click.option("--recipe", required=True, help="cpu-int4, cpu-int4-fast, cpu-int8, auto (with --max-size), "
-                                              "qnn-w8a16, qnn-w4a16.")
+@click.option("--recipe", required=True, help="cpu-int4, cpu-int4-fast, cpu-int4-all, cpu-int8, auto (with "
+                                              "--max-size), qnn-w8a16, qnn-w4a16.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Bundle folder to write.")
 @click.option("--draft-recipe", default=None, help="Recipe for the bundle's float draft graph [the same; "
                                                    "cpu-int4 with auto].")
@@ -602,7 +605,14 @@ def eval_command(model, text, reference, as_json):
     click.echo(json.dumps(report.to_dict(), indent=1) if as_json else report.table())
 
 
+# True when edge-rt is the program (not a CliRunner or an application calling cli()): only then may the engine
+# take ONNX Runtime's process-wide thread pool, which makes ORT refuse sessions that want a pool of their own.
+_OWN_PROCESS = False
+
+
 def main():
+    global _OWN_PROCESS
+    _OWN_PROCESS = True
     cli()
 
 

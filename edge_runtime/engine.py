@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from .chat_template import CHATML, ChatTemplate
 from .decoder import Decoder
 from .detokenizer import StreamingDetokenizer
 from .errors import BundleError, ExecutionProviderError, InvalidArgumentError
+from .hugepages import huge_pages_for_what_loads
 from .manifest import GraphSpec
 from .memory import check_memory, draft_graph
 from .drafters import EagleDrafter, HybridDrafter, ModelDrafter, NgramDrafter, split_draft
@@ -140,10 +142,12 @@ class Engine:
     def __init__(self, bundle: Bundle, context: int | None = None, threads: int | None = None,
                  draft: str | None = None, draft_min: int = 1, draft_max: int = 4, adaptive: bool = True,
                  memory_budget: int | None = None, ep: str | None = None, ep_options: dict[str, str] | None = None,
-                 draft_ep: str | None = None):
+                 draft_ep: str | None = None, huge_pages: bool = True):
         """ep: where the target runs, "cpu" or "qnn" [the graph's own]; ep_options: provider options (QNN, for
         the target and a draft on QNN); draft_ep: where a model draft runs [see draft_ep_for; ignored by the
-        model-free drafts none and ngram]. A QNN target with a CPU draft is a heterogeneous pair."""
+        model-free drafts none and ngram]. A QNN target with a CPU draft is a heterogeneous pair. huge_pages:
+        move the loaded weights onto 2 MiB pages (Linux; hugepages.py): decode steps 4-5% faster for a load
+        slower by ~3 ms per MB of weights on these VMs (SmolLM2 INT4 +0.5 s, float32 +1.5-2 s)."""
         m = bundle.manifest
         self.bundle = bundle
         self.manifest = m
@@ -167,7 +171,9 @@ class Engine:
         self.template = ChatTemplate(m.chat_template or CHATML, bos_token=self._token_text(m.tokens.bos),
                                      eos_token=self._token_text(m.tokens.eos[0] if m.tokens.eos else None))
         self.eos = frozenset(m.tokens.eos)
-        self.decoder = make_decoder(bundle, spec, context, threads, self.ep, ep_options)
+        self._huge_pages = huge_pages
+        with self._loading():
+            self.decoder = make_decoder(bundle, spec, context, threads, self.ep, ep_options)
         self.target = CachedDecoder(self.decoder)
         self._threads, self._ep_options = threads, ep_options
         self.draft_ep = None if draft_ep is None else check_ep(draft_ep)
@@ -181,7 +187,11 @@ class Engine:
         if draft_ep is not None:
             self.draft_ep = check_ep(draft_ep)
         self.drafter = None  # the old draft's sessions and cache go before the new one loads (peak memory)
-        self.drafter = self._make_drafter(draft, self.context, self._threads, draft_max, self.draft_ep)
+        with self._loading():
+            self.drafter = self._make_drafter(draft, self.context, self._threads, draft_max, self.draft_ep)
+
+    def _loading(self):
+        return huge_pages_for_what_loads() if self._huge_pages else contextlib.nullcontext()
 
     def _make_drafter(self, draft: str | None, context: int, threads: int | None, draft_max: int,
                       draft_ep: str | None = None):

@@ -205,7 +205,9 @@ def build_static_decoder(arch: Architecture, weights: ModelWeights, shapes: Stat
         (x,) = g.node("Add", [x, o], f"{p}/attn/residual/Add")
 
         h = rms_norm(x, lw.post_norm, f"{p}/post_attention_layernorm/RMSNorm", f"{w}.post_attention_layernorm.weight")
-        (x,) = g.node("Add", [x, g.mlp(h, lw, i)], f"{p}/mlp/residual/Add")
+        # gate and up stay two MatMuls here: the fusion saves a CPU thread-pool section, and the QNN recipes pick
+        # bits per linear by these names
+        (x,) = g.node("Add", [x, g.mlp(h, lw, i, fuse_gate_up=False)], f"{p}/mlp/residual/Add")
 
     if L < n:  # only the last L positions reach the norm and the LM head
         (x,) = g.node("Slice", [x, const("logits_start", [n - L]), const("logits_end", [n]), const("axis_1", [1])],

@@ -4,5 +4,5 @@
     quant.bundle.quantize_bundle(bundle, out, recipe, draft_recipe=None, calibration=None, **options)
     quant.eval.evaluate(model, text, reference=None) -> EvalReport                   perplexity, agreement, KL, speed
 
-CPU recipes (recipes.py): cpu-int4, cpu-int4-fast, cpu-int8, auto (--max-size). QNN recipes: qnn.py.
+CPU recipes (recipes.py): cpu-int4, cpu-int4-fast, cpu-int4-all, cpu-int8, auto (--max-size). QNN recipes: qnn.py.
 """

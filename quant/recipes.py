@@ -4,6 +4,7 @@
     cpu-int4  every linear at 4 bits with an importance-weighted scale search; at 8 bits the LM head (and so the
               embedding) and the linears measured most sensitive, up to INT4_EIGHT_BIT_SHARE of the rest
     cpu-int4-fast  cpu-int4 without the sensitivity measurement: only the LM head at 8 bits
+    cpu-int4-all  every linear at 4 bits, the LM head (and so the embedding) too: onnxruntime-genai's int4
     auto      like cpu-int4, but the 8-bit linears are picked by measured sensitivity until --max-size is met
 
 `quantize_graph(src, dst, recipe, **options)` runs one; RECIPES maps names to their functions, each taking the
@@ -237,15 +238,25 @@ def cpu_int4_fast(src: Path, dst: Path, *, block_size: int = DEFAULT_BLOCK_SIZE,
     return _int4(src, dst, block_size, accuracy_level, calibration_ids, threads, progress, 0.0)
 
 
+@register("cpu-int4-all")
+def cpu_int4_all(src: Path, dst: Path, *, block_size: int = DEFAULT_BLOCK_SIZE,
+                 accuracy_level: int = DEFAULT_ACCURACY_LEVEL, calibration_ids: list[int] | None = None,
+                 threads: int | None = None, progress: Progress | None = None) -> dict:
+    """Every linear at 4 bits, the LM head included (what onnxruntime-genai's builder makes with -p int4): the
+    smallest and fastest CPU recipe, and the one that loses the most."""
+    return _int4(src, dst, block_size, accuracy_level, calibration_ids, threads, progress, 0.0, head_bits=4)
+
+
 def _int4(src: Path, dst: Path, block_size: int, accuracy_level: int, calibration_ids, threads, progress,
-          share: float) -> dict:
+          share: float, head_bits: int = 8) -> dict:
     say = progress or _quiet
     _validate(block_size, accuracy_level)
     model, linears = _load_float(src)
     float_size = _float_size(src)
     body = [lin for lin in linears if not G.is_head(lin)]
-    blocks4, sens = _calibrated_int4(model, body, src, block_size, calibration_ids, threads, say, measure=share > 0)
-    bits = {lin.name: 8 if G.is_head(lin) else 4 for lin in linears}
+    four = body if head_bits == 8 else linears
+    blocks4, sens = _calibrated_int4(model, four, src, block_size, calibration_ids, threads, say, measure=share > 0)
+    bits = {lin.name: head_bits if G.is_head(lin) else 4 for lin in linears}
     allowance = share * sum(lin.params for lin in body)
     params = {lin.name: lin.params for lin in linears}
     for s in sens or ():  # most sensitive first; one too big for what is left is skipped for the next

@@ -8,6 +8,7 @@ qnn-w8a16.
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 import time
 
@@ -282,6 +283,13 @@ def test_cli_generate_on_qnn_and_info(w8_bundle, tiny_bundle):
                                  "--temperature", "0", "--ep-option", "htp_performance_mode=burst"])
     assert result.exit_code == 0, result.output
     assert result.stdout.rstrip("\n") == want
+    # the edge-rt program itself: one process-wide thread pool for the QNN target and its CPU draft, weights on
+    # huge pages; greedy speculation gives the target's own answer
+    done = subprocess.run([sys.executable, "-m", "edge_runtime.cli", "generate", str(w8_bundle), "-p", "Paris is",
+                           "--ep", "qnn", "--max-tokens", "8", "--temperature", "0", "--draft", str(tiny_bundle)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.rstrip("\n") == want
     bad = runner.invoke(cli, ["generate", str(w8_bundle), "-p", "hi", "--ep", "qnn", "--ep-option", "burst"])
     assert bad.exit_code == 1 and bad.output.count("\n") == 1 and "KEY=VALUE" in bad.output
     pair = runner.invoke(cli, ["generate", str(w8_bundle), "-p", "hi", "--ep", "qnn", "--draft", str(tiny_bundle),

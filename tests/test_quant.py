@@ -30,7 +30,9 @@ QUALITY = {  # recipe: (least top-1 agreement, most mean KL) against the float b
     "cpu-int8": (0.85, 0.02),
     "cpu-int4": (0.35, 0.50),
     "cpu-int4-fast": (0.35, 0.50),
+    "cpu-int4-all": (0.25, 0.85),  # a 4-bit head on the random tiny model: measured 0.29, 0.71
 }
+PRECISION = {"cpu-int8": "int8", "cpu-int4-all": "int4"}  # the others: int4+int8
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +82,8 @@ def test_every_linear_and_the_embedding_are_quantized(quantized, tiny_bundle, re
         assert set(bits.values()) == {8}
     elif recipe == "cpu-int4-fast":
         assert report["int8"] == ["lm_head"] and "sensitivity" not in report
+    elif recipe == "cpu-int4-all":
+        assert set(bits.values()) == {4} and report["int8"] == [] and "sensitivity" not in report
     else:
         assert bits["lm_head"] == 8
         params = {lin.name: lin.params for lin in linears if lin.name != "lm_head"}
@@ -97,7 +101,7 @@ def test_every_linear_and_the_embedding_are_quantized(quantized, tiny_bundle, re
                 and t.name not in allowed and not t.name.endswith(".scales")]
     assert floats2d == []
     m = Bundle.load(path).manifest  # checks every sha256
-    assert m.graph("target").precision == report["precision"] == ("int8" if recipe == "cpu-int8" else "int4+int8")
+    assert m.graph("target").precision == report["precision"] == PRECISION.get(recipe, "int4+int8")
     assert m.source["quantization"]["recipe"] == recipe
 
 
@@ -192,16 +196,17 @@ def test_untied_embedding_is_quantized_too(tiny_bundle, tmp_path):
 @pytest.fixture(scope="module")
 def planted(tiny_bundle, tmp_path_factory):
     """The tiny float graph with one linear made fragile, the float function unchanged: in layers.1.mlp, one
-    intermediate channel per 32-block is scaled down 100x in up_proj's output and up 100x in down_proj's input, so
-    every 4-bit block of down_proj holds one outlier that flattens the rest. Returns (graph, token ids)."""
+    intermediate channel per 32-block is scaled down 100x in up's output (the second half of the fused gate_up_proj)
+    and up 100x in down_proj's input, so every 4-bit block of down_proj holds one outlier that flattens the rest.
+    Returns (graph, token ids)."""
     folder = tmp_path_factory.mktemp("planted")
     model = graph_of(tiny_bundle)
     inits = {t.name: t for t in model.graph.initializer}
-    up = numpy_helper.to_array(inits["model.layers.1.mlp.up_proj.weight"]).copy()      # [64, 128]
-    down = numpy_helper.to_array(inits["model.layers.1.mlp.down_proj.weight"]).copy()  # [128, 64]
-    up[:, ::32] /= 100.0
+    gate_up = numpy_helper.to_array(inits["model.layers.1.mlp.gate_up_proj.weight"]).copy()  # [64, 2 * 128]
+    down = numpy_helper.to_array(inits["model.layers.1.mlp.down_proj.weight"]).copy()        # [128, 64]
+    gate_up[:, 128::32] /= 100.0
     down[::32] *= 100.0
-    for name, w in (("model.layers.1.mlp.up_proj.weight", up), ("model.layers.1.mlp.down_proj.weight", down)):
+    for name, w in (("model.layers.1.mlp.gate_up_proj.weight", gate_up), ("model.layers.1.mlp.down_proj.weight", down)):
         inits[name].CopyFrom(numpy_helper.from_array(w, name))
     G.save(model, folder / "model.onnx")
     engine = Engine(Bundle.load(tiny_bundle))

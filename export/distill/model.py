@@ -59,8 +59,7 @@ def read_initializers(bundle: Bundle, names: list[str]) -> dict[str, np.ndarray]
 def _layer_names(i: int) -> list[str]:
     p = f"model.layers.{i}"
     return [f"{p}.input_layernorm.weight", f"{p}.attn.qkv_proj.weight", f"{p}.attn.o_proj.weight",
-            f"{p}.post_attention_layernorm.weight", f"{p}.mlp.gate_proj.weight", f"{p}.mlp.up_proj.weight",
-            f"{p}.mlp.down_proj.weight"]
+            f"{p}.post_attention_layernorm.weight", f"{p}.mlp.gate_up_proj.weight", f"{p}.mlp.down_proj.weight"]
 
 
 def check_target(bundle: Bundle, layer: int) -> None:
@@ -71,10 +70,15 @@ def check_target(bundle: Bundle, layer: int) -> None:
         raise DraftTrainingError(f"train-draft builds drafts for Llama-family targets without biases; "
                                  f"{bundle.path} is {arch.family}")
     spec = bundle.manifest.graph("target")
-    outputs = [o.name for o in onnx.load(str(bundle.file(spec.file)), load_external_data=False).graph.output]
-    if "hidden_states" not in outputs:
+    graph = onnx.load(str(bundle.file(spec.file)), load_external_data=False).graph
+    if "hidden_states" not in [o.name for o in graph.output]:
         raise DraftTrainingError(f"the target graph of {bundle.path} has no hidden_states output, which the EAGLE "
                                  "draft learns from; re-export it with this edge-runtime (`edge-rt export MODEL --force`)")
+    fused = _layer_names(layer)[4]
+    if fused not in {t.name for t in graph.initializer} and any(t.name.endswith(".mlp.up_proj.weight")
+                                                                  for t in graph.initializer):
+        raise DraftTrainingError(f"the target graph of {bundle.path} predates the fused {fused!r}; re-export it "
+                                 "with this edge-runtime (`edge-rt export MODEL --force`)")
     read_initializers(bundle, [_layer_names(layer)[0]])  # float32 weights with the names we read
 
 
@@ -128,7 +132,8 @@ def build_draft(target: Bundle, layer: int, vocab_map: np.ndarray):
         with torch.no_grad():
             param.copy_(torch.tensor(np.asarray(array, np.float32)))
 
-    norm1, qkv, o, norm2, gate, up, down = (w[n] for n in _layer_names(layer))
+    norm1, qkv, o, norm2, gate_up, down = (w[n] for n in _layer_names(layer))
+    gate, up = np.split(gate_up, 2, axis=1)  # [H, 2I]: gate's columns, then up's
     # fc starts as [I, 0]: the draft begins as the target's layer on the token alone (a cut-layer draft, SmolLM2
     # held-out first-draft agreement 0.08; from the last layer with [I, I]: 0.00) and learns to read the feature
     put(model.fc.weight, np.concatenate([np.eye(H), np.zeros((H, H))], 1))  # Linear: [out, in]

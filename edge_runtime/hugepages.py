@@ -1,0 +1,76 @@
+"""Back the loaded model with transparent huge pages (Linux): a decode step streams every weight once, and on
+4 KiB pages that is a TLB miss per 4 KiB (SmolLM2 INT4: ~21k per step; float32 ~135k).
+
+ONNX Runtime copies (prepacks) the weights into its own heap allocations when a session is created. Where THP is
+`madvise`-only (the common default), those pages stay 4 KiB unless someone asks, so after loading we ask for the
+anonymous mappings the load created: MADV_HUGEPAGE marks them, MADV_COLLAPSE (Linux >= 6.1) rebuilds them on huge
+pages now instead of whenever khugepaged gets there. Best effort: whatever the kernel refuses stays as it was.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+MADV_HUGEPAGE = 14
+MADV_COLLAPSE = 25
+HUGE = 2 << 20  # the PMD size of x86-64 and of arm64 with 4 KiB base pages
+
+
+def _anonymous_regions() -> set[tuple[int, int]]:
+    """(start, end) of this process's private writable anonymous mappings ([heap] included)."""
+    out = set()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()  # "start-end perms offset dev inode [path]"
+            if (len(fields) == 5 or fields[5] == "[heap]") and fields[1].startswith("rw") and fields[1][3] == "p":
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                out.add((start, end))
+    return out
+
+
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            if "[never]" in f.read():
+                return None
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return libc
+
+
+def collapse(regions) -> int:
+    """Ask for huge pages under each (start, end) region; returns the bytes of the 2 MiB ranges the kernel rebuilt
+    (0 where it does not apply: not Linux, THP off, a kernel older than 6.1)."""
+    libc = _libc()
+    if libc is None:
+        return 0
+    done = 0
+    for start, end in regions:
+        lo, hi = -(-start // HUGE) * HUGE, end // HUGE * HUGE  # the huge pages that lie wholly inside
+        if hi <= lo:
+            continue
+        if libc.madvise(lo, hi - lo, MADV_HUGEPAGE) == 0 and libc.madvise(lo, hi - lo, MADV_COLLAPSE) == 0:
+            done += hi - lo
+    return done
+
+
+class huge_pages_for_what_loads:
+    """`with huge_pages_for_what_loads() as hp:` collapses the anonymous mappings that appeared (or grew) inside
+    the block onto huge pages on exit, and leaves the rest of the process (an embedding application's own
+    memory) alone. hp.collapsed: bytes rebuilt. Measured on SmolLM2 in one process, alternating with a copy of the
+    same model on 4 KiB pages: a decode step 4-5% faster, INT4 and float32; the collapse takes ~0.4 s (INT4)."""
+
+    def __enter__(self):
+        self._before = _anonymous_regions() if _libc() is not None else None
+        self.collapsed = 0
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None and self._before is not None:
+            self.collapsed = collapse(_anonymous_regions() - self._before)
+        return False
