@@ -146,8 +146,8 @@ class Engine:
         """ep: where the target runs, "cpu" or "qnn" [the graph's own]; ep_options: provider options (QNN, for
         the target and a draft on QNN); draft_ep: where a model draft runs [see draft_ep_for; ignored by the
         model-free drafts none and ngram]. A QNN target with a CPU draft is a heterogeneous pair. huge_pages:
-        move the loaded weights onto 2 MiB pages (Linux; hugepages.py): decode steps 4-5% faster for a load
-        slower by ~3 ms per MB of weights on these VMs (SmolLM2 INT4 +0.5 s, float32 +1.5-2 s)."""
+        move the loaded weights onto 2 MiB pages (Linux; hugepages.py): decode steps 4-5% faster. It runs in the
+        background (~3 ms per MB on these VMs) and the first generation waits for what is left of it."""
         m = bundle.manifest
         self.bundle = bundle
         self.manifest = m
@@ -171,7 +171,7 @@ class Engine:
         self.template = ChatTemplate(m.chat_template or CHATML, bos_token=self._token_text(m.tokens.bos),
                                      eos_token=self._token_text(m.tokens.eos[0] if m.tokens.eos else None))
         self.eos = frozenset(m.tokens.eos)
-        self._huge_pages = huge_pages
+        self._huge_pages, self._collapsing = huge_pages, []
         with self._loading():
             self.decoder = make_decoder(bundle, spec, context, threads, self.ep, ep_options)
         self.target = CachedDecoder(self.decoder)
@@ -190,8 +190,19 @@ class Engine:
         with self._loading():
             self.drafter = self._make_drafter(draft, self.context, self._threads, draft_max, self.draft_ep)
 
+    @contextlib.contextmanager
     def _loading(self):
-        return huge_pages_for_what_loads() if self._huge_pages else contextlib.nullcontext()
+        """Around loading a graph: its weights go to huge pages in the background; the next generation waits."""
+        if not self._huge_pages:
+            yield
+            return
+        with huge_pages_for_what_loads(background=True) as hp:
+            yield
+        self._collapsing.append(hp)
+
+    def _settle(self) -> None:
+        while self._collapsing:  # set_draft may have started another meanwhile
+            self._collapsing.pop().wait()
 
     def _make_drafter(self, draft: str | None, context: int, threads: int | None, draft_max: int,
                       draft_ep: str | None = None):
@@ -280,6 +291,7 @@ class Engine:
             raise InvalidArgumentError("the prompt is empty; give at least one token")
         if max_tokens < 1:
             raise InvalidArgumentError(f"max_tokens must be at least 1, got {max_tokens}")
+        self._settle()  # nothing is timed while pages are still moving
         sample = make_sampler(sampling)
         stats = self.last_stats = GenerationStats(prompt_tokens=len(prompt_ids))
         t0 = time.perf_counter()

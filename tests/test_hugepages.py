@@ -37,9 +37,11 @@ def _huge_bytes_at(address: int) -> int:
 
 
 @pytest.mark.skipif(not _thp_collapse_available(), reason="needs Linux >= 6.1 with transparent huge pages")
-def test_memory_allocated_inside_the_block_is_collapsed():
-    with huge_pages_for_what_loads() as hp:
+@pytest.mark.parametrize("background", [False, True])
+def test_memory_allocated_inside_the_block_is_collapsed(background):
+    with huge_pages_for_what_loads(background=background) as hp:
         buf = bytearray(os.urandom(1024)) * (24 << 10)  # 24 MiB, malloc'd as its own anonymous mapping
+    hp.wait()
     middle = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf)) + len(buf) // 2
     assert hp.collapsed >= 8 * HUGE
     # madvise split the mapping at 2 MiB boundaries: the aligned middle part is the one on huge pages
