@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import platform
 import subprocess
@@ -40,7 +41,9 @@ def _huge_bytes_at(address: int) -> int:
 @pytest.mark.parametrize("background", [False, True])
 def test_memory_allocated_inside_the_block_is_collapsed(background):
     with huge_pages_for_what_loads(background=background) as hp:
-        buf = bytearray(os.urandom(1024)) * (24 << 10)  # 24 MiB, malloc'd as its own anonymous mapping
+        # a fresh private anonymous mapping (what malloc makes of a large block while it has no free one to reuse)
+        buf = mmap.mmap(-1, 24 << 20, flags=mmap.MAP_PRIVATE)
+        buf[:] = os.urandom(1024) * (24 << 10)
     hp.wait()
     middle = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf)) + len(buf) // 2
     assert hp.collapsed >= 8 * HUGE
