@@ -171,13 +171,13 @@ class Engine:
         self.template = ChatTemplate(m.chat_template or CHATML, bos_token=self._token_text(m.tokens.bos),
                                      eos_token=self._token_text(m.tokens.eos[0] if m.tokens.eos else None))
         self.eos = frozenset(m.tokens.eos)
-        self._huge_pages, self._collapsing = huge_pages, []
-        with self._loading():
+        self._huge_pages, self._collapsing, self._in_load = huge_pages, [], False
+        with self._loading():  # target and draft in one collapse: a second would re-walk the first's pages
             self.decoder = make_decoder(bundle, spec, context, threads, self.ep, ep_options)
-        self.target = CachedDecoder(self.decoder)
-        self._threads, self._ep_options = threads, ep_options
-        self.draft_ep = None if draft_ep is None else check_ep(draft_ep)
-        self.set_draft(draft, draft_min, draft_max, adaptive)
+            self.target = CachedDecoder(self.decoder)
+            self._threads, self._ep_options = threads, ep_options
+            self.draft_ep = None if draft_ep is None else check_ep(draft_ep)
+            self.set_draft(draft, draft_min, draft_max, adaptive)
         self.last_stats = GenerationStats()
 
     def set_draft(self, draft: str | None, draft_min: int = 1, draft_max: int = 4, adaptive: bool = True,
@@ -192,12 +192,17 @@ class Engine:
 
     @contextlib.contextmanager
     def _loading(self):
-        """Around loading a graph: its weights go to huge pages in the background; the next generation waits."""
-        if not self._huge_pages:
+        """Around loading graphs: their weights go to huge pages in the background; the next generation waits.
+        Inside another _loading (set_draft during __init__) it adds nothing: the outer one collapses all of it."""
+        if not self._huge_pages or self._in_load:
             yield
             return
-        with huge_pages_for_what_loads(background=True) as hp:
-            yield
+        self._in_load = True
+        try:
+            with huge_pages_for_what_loads(background=True) as hp:
+                yield
+        finally:
+            self._in_load = False
         self._collapsing.append(hp)
 
     def _settle(self) -> None:
